@@ -1,0 +1,103 @@
+"""Run logs that reproduce a run on their own (SPEC.md section 4), and the JSON summary beside them.
+
+The log starts with the trainer's source and that of every project module it imported, the git
+commit and whether the tree was dirty, library versions and nvidia-smi, then every resolved setting.
+Only rank 0 writes; other ranks get a RunLog that prints nothing.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_LIBRARIES = ("torch", "triton", "numpy", "sentencepiece", "brotli", "huggingface-hub")
+
+
+def project_sources(main_file: str | Path) -> list[Path]:
+    """The trainer file, then every imported module that lives inside the repository."""
+    main_file = Path(main_file).resolve()
+    found = {main_file}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path or not os.path.isabs(path):  # some extension modules report bare names
+            continue
+        p = Path(path).resolve()
+        if p.suffix == ".py" and p.is_file() and REPO_ROOT in p.parents and ".venv" not in p.parts:
+            found.add(p)
+    return [main_file] + sorted(found - {main_file})
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    commit = _run(["git", "rev-parse", "HEAD"])
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["cuda"] = torch.version.cuda or "none"
+    except ImportError:
+        pass
+    return out
+
+
+class RunLog:
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, line: str = "", console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def provenance(self, main_file: str | Path, settings: list[str]) -> dict[str, Any]:
+        """Writes sources (file only), versions, hardware and settings; returns them for the summary."""
+        for src in project_sources(main_file):
+            self(f"==== source: {src.relative_to(REPO_ROOT) if REPO_ROOT in src.parents else src}", console=False)
+            self(src.read_text(encoding="utf-8"), console=False)
+        git, libs = git_state(), versions()
+        self(f"git_commit:{git['commit']} dirty:{git['dirty']}")
+        self("versions: " + " ".join(f"{k}={v}" for k, v in libs.items()))
+        smi = _run(["nvidia-smi"])
+        self(smi if smi else "nvidia-smi: not available", console=False)
+        self("==== settings")
+        for line in settings:
+            self(line, console=False)
+        return {"git": git, "versions": libs, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)

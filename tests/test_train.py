@@ -1,0 +1,81 @@
+"""The trainer for real on CPU: learning, rank equivalence, failure handling, bad input."""
+import re
+import sys
+import time
+
+import pytest
+import torch
+
+from quant.serialize import deserialize
+from tests.trainer_runs import ROOT, clean_env, run_trainer, summary, train_losses
+
+
+def test_tiny_model_learns_and_logs(tmp_path):
+    run_trainer(tmp_path, ITERATIONS="60", VAL_LOSS_EVERY="60", MATRIX_LR="0.05")
+    s = summary(tmp_path)
+    first, last = s["val_history"][0], s["val_history"][-1]
+    assert first["step"] == 0 and last["step"] == 60
+    assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
+    q = s["stages"]["int8_zlib_roundtrip"]
+    assert abs(q["val_bpb"] - last["val_bpb"]) < 0.05  # int8 round trip costs little
+    log = (tmp_path / "t.txt").read_text()
+    assert log.startswith("==== source: train_gpt.py")
+    for module in ("golf/config.py", "golf/dist.py", "golf/bpb.py", "data/shards.py", "quant/int8.py"):
+        assert f"==== source: {module}" in log
+    for pattern in (r"^git_commit:", r"^versions: .*torch=", r"^NUM_LAYERS=2 \(env\)$",
+                    r"^step:60/60 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
+                    r"^step:1/60 train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
+                    r"^peak memory", r"^Serialized model", r"^Code size", r"^Total submission size",
+                    r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$"):
+        assert re.search(pattern, log, re.M), pattern
+    assert s["model_params"] > 0 and s["bytes"]["total"] == s["bytes"]["code"] + s["bytes"]["model"]
+
+
+def _weights(tmp):
+    tensors, _ = deserialize((tmp / "t_model.pre.bin").read_bytes())
+    return tensors
+
+
+def test_two_gloo_ranks_equal_one_rank_with_accumulation(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(ITERATIONS="4", VAL_LOSS_EVERY="0", TRAIN_BATCH_TOKENS="2048")
+    run_trainer(one, GRAD_ACCUM_STEPS="2", **common)
+    run_trainer(two, nproc=2, GRAD_ACCUM_STEPS="1", **common)
+    assert summary(two)["world_size"] == 2 and summary(one)["grad_accum_steps"] == 2
+    assert train_losses(one) == pytest.approx(train_losses(two), abs=2e-4)
+    assert summary(one)["stages"]["prequant"]["val_loss"] == pytest.approx(
+        summary(two)["stages"]["prequant"]["val_loss"], abs=1e-4)
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=2e-4, rtol=0), name
+    moved = max((w1[n] - w2[n]).abs().max().item() for n in w1)
+    assert moved < 2e-4
+
+
+def test_failing_rank_ends_every_rank(tmp_path):
+    import subprocess
+
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "tests/fixtures/fail_on_rank.py"], cwd=ROOT, env=clean_env(), capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode != 0
+    assert time.time() - t0 < 90
+    assert "[rank 1] run failed" in out.stderr and "planted failure on rank 1" in out.stderr
+
+
+def test_tokenizer_vocab_mismatch_is_a_clear_error(tmp_path):
+    out = run_trainer(tmp_path, check=False, VOCAB_SIZE="2048", ITERATIONS="1")
+    assert out.returncode != 0
+    assert "fineweb_1024_bpe.model" in out.stderr and "2048" in out.stderr and "1024" in out.stderr
+
+
+def test_short_validation_stream_is_a_clear_error(tmp_path):
+    out = run_trainer(tmp_path, check=False, TRAIN_SEQ_LEN="1048576", TRAIN_BATCH_TOKENS="1048576", ITERATIONS="1")
+    assert out.returncode != 0 and "shorter than TRAIN_SEQ_LEN=1048576" in out.stderr
+
+
+def test_research_trainer_runs_the_same_stack(tmp_path):
+    run_trainer(tmp_path, script="train_gpt_v2.py", ITERATIONS="2", VAL_LOSS_EVERY="0")
+    assert summary(tmp_path)["steps"] == 2

@@ -214,7 +214,10 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        x = x0 = rms_norm(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream runs in the autocast dtype (bf16)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x0 = rms_norm(x)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips and i - self.num_encoder < len(self.skip_weights):
@@ -253,8 +256,9 @@ class Muon(torch.optim.Optimizer):
     """Momentum + orthogonalised updates for 2-D matrices. Each rank orthogonalises every
     world_size-th matrix and the updates are summed across ranks, so the work is split evenly."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, compile: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.orthogonalise = torch.compile(newton_schulz) if compile else newton_schulz
 
     @torch.no_grad()
     def step(self):
@@ -270,7 +274,7 @@ class Muon(torch.optim.Optimizer):
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    g = newton_schulz(g, group["backend_steps"])
+                    g = self.orthogonalise(g, group["backend_steps"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5  # equal RMS for tall matrices
                     flat[offset : offset + p.numel()] = g.flatten()
                 offset += p.numel()
@@ -281,14 +285,15 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
-def build_optimizers(model: GPT, cfg) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, cfg, compile: bool) -> list[torch.optim.Optimizer]:
     matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
     scalars = [p for n, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
     optimizers = [
         torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": cfg.tied_embed_lr}], **adam),
-        Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps),
+        Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+             compile=compile),
         torch.optim.Adam([{"params": scalars, "lr": cfg.scalar_lr}], **adam),
     ]
     for opt in optimizers:
@@ -384,7 +389,7 @@ def main() -> None:
     log(f"model_params:{n_params}")
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
     train_model = DDP(model, device_ids=[info.local_rank] if cuda else None) if info.distributed else model
-    optimizers = build_optimizers(base_model, cfg)
+    optimizers = build_optimizers(base_model, cfg, use_compile)
     muon = optimizers[1]
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
 
@@ -468,9 +473,10 @@ def main() -> None:
         step += 1
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         if cfg.train_log_every > 0 and (step % cfg.train_log_every == 0 or step <= 10):
+            loss = dist.all_reduce_(loss) / info.world_size  # the global batch's loss, not rank 0's share
             log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms")
-        if cap_ms > 0 and dist.any_rank(elapsed >= cap_ms, device):
+        if cap_ms > 0 and (dist.any_rank(elapsed >= cap_ms, device) if info.distributed else elapsed >= cap_ms):
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
             stop_reason = "wallclock_cap"
     train_ms_total = val_history[-1]["train_time_ms"]

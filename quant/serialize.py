@@ -61,7 +61,7 @@ def _to_storage(name: str, value) -> tuple[str, np.ndarray]:
             raise TypeError(f"serialize: array {name!r} has dtype {arr.dtype}; supported: {sorted(DTYPES)}")
     else:
         raise TypeError(f"serialize: {name!r} is a {type(value).__name__}, expected a torch.Tensor or numpy array")
-    return dname, np.ascontiguousarray(arr.astype(DTYPES[dname][0], copy=False))
+    return dname, arr.astype(DTYPES[dname][0], copy=False)  # tobytes() writes C order
 
 
 def serialize(tensors: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> bytes:

@@ -38,21 +38,24 @@ fi
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -gt 0 ]; then
-  export DATA_PATH="${DATA_PATH:-./datasets/fineweb10B_sp1024}"
-  export TOKENIZER_PATH="${TOKENIZER_PATH:-./tokenizers/fineweb_1024_bpe.model}"
+  export DATA_PATH="${DATA_PATH:-./datasets/fineweb10B_sp8192}"
+  export TOKENIZER_PATH="${TOKENIZER_PATH:-./tokenizers/fineweb_8192_bpe.model}"
   if ! compgen -G "$DATA_PATH/fineweb_train_*.bin" >/dev/null; then
-    "$PY" -m data download --variant sp1024 --train-shards "${TRAIN_SHARDS:-80}" --out .
+    "$PY" -m data download sp8192 --train-shards "${TRAIN_SHARDS:-80}" --out .
   fi
   exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_gpt.py
 fi
 
-# CPU: a small configuration that trains for real in a few minutes on 2 cores.
-export DATA_PATH="${DATA_PATH:-data/sample/datasets/fineweb10B_sp1024}"
+# CPU: the record stack scaled down (4 x 128, one extra pass over layers 1-2, a parallel last layer)
+# on the SP1024 sample; trains for real in a few minutes on 2 cores.
+export VOCAB_SIZE="${VOCAB_SIZE:-1024}" DATA_PATH="${DATA_PATH:-data/sample/datasets/fineweb10B_sp1024}"
 export TOKENIZER_PATH="${TOKENIZER_PATH:-data/sample/tokenizers/fineweb_1024_bpe.model}"
 export NUM_LAYERS="${NUM_LAYERS:-4}" MODEL_DIM="${MODEL_DIM:-128}" NUM_HEADS="${NUM_HEADS:-4}" NUM_KV_HEADS="${NUM_KV_HEADS:-2}"
-export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}" TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}" GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
+export NUM_LOOPS="${NUM_LOOPS:-1}" LOOP_START="${LOOP_START:-1}" LOOP_END="${LOOP_END:-2}" PARALLEL_START_LAYER="${PARALLEL_START_LAYER:-3}"
+export XSA_LAST_N="${XSA_LAST_N:-4}" MIN_LR="${MIN_LR:-0}" EMA_DECAY="${EMA_DECAY:-0.97}" GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-0}"
+export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}" TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-4096}" GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
 export ITERATIONS="${ITERATIONS:-150}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}" WARMUP_STEPS="${WARMUP_STEPS:-0}"
-export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.3}" VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-25}"
+export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.5}" VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-25}"
 export VAL_BATCH_TOKENS="${VAL_BATCH_TOKENS:-32768}" RUN_ID="${RUN_ID:-cpu_$(date +%Y%m%d_%H%M%S)}"
 "$PY" train_gpt.py
 "$PY" - "${LOG_DIR:-logs}/$RUN_ID.json" <<'PYEOF'

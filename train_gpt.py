@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.shards import load_shard, load_stream, shard_paths
+from data.shards import BOS_ID, load_shard, load_stream, shard_paths
 from golf import dist
+from golf.attention import attend, backend_name, doc_boundaries
 from golf.bpb import ByteCounter
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
 from golf.evaluate import evaluate_stream
+from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
 from golf.runlog import RunLog, project_sources, write_summary
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
 from quant.int8 import pack_int8, unpack_int8
@@ -48,44 +49,68 @@ def _warmdown_iters_to_frac(raw: str, env) -> float:
 
 # ----------------------------------------------------------------------------- settings
 KNOBS = (
-    Knob("DATA_PATH", str, "./datasets/fineweb10B_sp1024", "folder with fineweb_train_*.bin and fineweb_val_*.bin"),
-    Knob("TOKENIZER_PATH", str, "./tokenizers/fineweb_1024_bpe.model", "SentencePiece model the shards were made with"),
+    Knob("DATA_PATH", str, "./datasets/fineweb10B_sp8192", "folder with fineweb_train_*.bin and fineweb_val_*.bin"),
+    Knob("TOKENIZER_PATH", str, "./tokenizers/fineweb_8192_bpe.model", "SentencePiece model the shards were made with"),
     Knob("RUN_ID", str, "", "name of the run's log and summary files (empty: a fresh id)"),
     Knob("SEED", int, 1337, "seed for initialisation"),
     Knob("LOG_DIR", str, "logs", "folder for the log, JSON summary and artifact"),
-    # model
-    Knob("VOCAB_SIZE", int, 1024, "vocabulary size; must equal the tokenizer's"),
-    Knob("NUM_LAYERS", int, 9, "transformer blocks"),
+    # model (defaults: the best public entry, SPEC.md section 5)
+    Knob("VOCAB_SIZE", int, 8192, "vocabulary size; must equal the tokenizer's"),
+    Knob("NUM_LAYERS", int, 11, "physical transformer blocks"),
     Knob("MODEL_DIM", int, 512, "residual width"),
     Knob("NUM_HEADS", int, 8, "query heads"),
     Knob("NUM_KV_HEADS", int, 4, "key/value heads (GQA); must divide NUM_HEADS"),
-    Knob("MLP_MULT", float, 2.0, "MLP hidden width as a multiple of MODEL_DIM"),
+    Knob("MLP_MULT", float, 4.0, "MLP hidden width as a multiple of MODEL_DIM"),
+    Knob("LEAKY_SLOPE", float, 0.5, "MLP activation LeakyReLU(slope)^2; 0 gives ReLU^2"),
+    Knob("ROPE_DIMS", int, 16, "leading channels of each head that RoPE rotates; the head dim rotates all"),
     Knob("ROPE_BASE", float, 10000.0, "RoPE frequency base"),
+    Knob("QK_GAIN_INIT", float, 5.0, "initial learned per-head query gain (after QK RMS-norm)"),
+    Knob("LN_SCALE", bool, True, "scale each block's norm outputs by 1/sqrt(layer+1)"),
     Knob("LOGIT_SOFTCAP", float, 30.0, "logits become c*tanh(logits/c); 0 disables"),
-    Knob("QK_GAIN_INIT", float, 1.5, "initial learned per-head query gain (after QK RMS-norm)"),
     Knob("TIED_EMBED_INIT_STD", float, 0.005, "init std of the tied embedding"),
+    Knob("NUM_LOOPS", int, 2, "extra passes over layers LOOP_START..LOOP_END once looping is on (0: no recurrence)"),
+    Knob("LOOP_START", int, 3, "first physical layer of the looped segment"),
+    Knob("LOOP_END", int, 5, "last physical layer of the looped segment"),
+    Knob("ENABLE_LOOPING_AT", float, 0.35, "fraction of the training budget after which training loops"),
+    Knob("PARALLEL_START_LAYER", int, 8, "layers from here on use parallel attention/MLP lanes; -1 disables"),
+    Knob("PARALLEL_FINAL_LANE", str, "mean", "final hidden from the lanes: mean, attn or mlp"),
+    Knob("SKIP_GATES_ENABLED", bool, True, "sigmoid-gated U-Net skips (lerp) instead of plain addition"),
+    Knob("XSA_LAST_N", int, 11, "the last N layers remove each head's component along its own value vector"),
+    Knob("SPARSE_ATTN_GATE_ENABLED", bool, True, "per-head sigmoid gate on attention output from GATE_WIDTH input channels"),
+    Knob("GATE_WIDTH", int, 12, "input channels feeding the attention output gate",
+         (Alias("GATE_WINDOW", note="the record entries' name"),)),
+    Knob("SPARSE_ATTN_GATE_SCALE", float, 0.5, "scale inside the attention gate's sigmoid"),
+    Knob("SMEAR_GATE_ENABLED", bool, True, "add a gated copy of the previous token's embedding (never across BOS)"),
+    Knob("SMEAR_WIDTH", int, 12, "embedding channels feeding the smear gate"),
+    Knob("DOC_ISOLATION", bool, True, "attention never crosses a BOS document boundary (training and evaluation)"),
     # batch and budget
-    Knob("TRAIN_SEQ_LEN", int, 1024, "training sequence length"),
-    Knob("TRAIN_BATCH_TOKENS", int, 524_288, "tokens per optimizer step, over all ranks and micro-steps"),
+    Knob("TRAIN_SEQ_LEN", int, 2048, "training sequence length"),
+    Knob("TRAIN_BATCH_TOKENS", int, 786_432, "tokens per optimizer step, over all ranks and micro-steps"),
     Knob("GRAD_ACCUM_STEPS", int, 0, "micro-steps per optimizer step; 0 means 8 // WORLD_SIZE"),
     Knob("ITERATIONS", int, 20_000, "optimizer steps (the schedule's budget when there is no time cap)"),
     Knob("MAX_WALLCLOCK_SECONDS", float, 600.0, "training time cap, eval excluded; 0 = no cap"),
-    Knob("WARMUP_STEPS", int, 20, "untimed compile-priming steps; model, optimizer and loader are reset after"),
-    Knob("WARMDOWN_FRAC", float, 0.087, "final fraction of the budget with linear LR decay to 0 "
-         "(the baseline's 1200 of 13,780 steps)",
+    Knob("GPTQ_RESERVE_SECONDS", float, 8.0, "seconds of the cap kept for quantization calibration after training"),
+    Knob("WARMUP_STEPS", int, 20, "untimed compile-priming steps per phase (unlooped, looped); then everything is reset"),
+    Knob("WARMDOWN_FRAC", float, 0.85, "final fraction of the budget with linear LR decay (may exceed 1)",
          (Alias("WARMDOWN_ITERS", _warmdown_iters_to_frac, "steps, converted to WARMDOWN_ITERS / ITERATIONS"),)),
+    Knob("MIN_LR", float, 0.1, "LR floor of the warmdown, as a fraction of each peak LR"),
     # optimizer
-    Knob("MATRIX_LR", float, 0.04, "Muon learning rate for the block matrices"),
-    Knob("SCALAR_LR", float, 0.04, "Adam learning rate for vectors and scalars"),
-    Knob("TIED_EMBED_LR", float, 0.05, "Adam learning rate for the tied embedding"),
-    Knob("MUON_MOMENTUM", float, 0.95, "Muon momentum after its warmup"),
-    Knob("MUON_MOMENTUM_WARMUP_START", float, 0.85, "Muon momentum at step 0"),
-    Knob("MUON_MOMENTUM_WARMUP_STEPS", int, 500, "steps of linear momentum warmup"),
-    Knob("MUON_BACKEND_STEPS", int, 5, "Newton-Schulz iterations"),
-    Knob("BETA1", float, 0.9, "Adam beta1"),
-    Knob("BETA2", float, 0.95, "Adam beta2"),
-    Knob("ADAM_EPS", float, 1e-8, "Adam epsilon"),
-    Knob("GRAD_CLIP_NORM", float, 0.0, "global grad-norm clip; 0 disables"),
+    Knob("MATRIX_LR", float, 0.026, "Muon learning rate for the block matrices"),
+    Knob("SCALAR_LR", float, 0.02, "AdamW learning rate for vectors, gates and scalars"),
+    Knob("TIED_EMBED_LR", float, 0.03, "AdamW learning rate for the tied embedding"),
+    Knob("MUON_MOMENTUM", float, 0.97, "Muon momentum after its warmup"),
+    Knob("MUON_MOMENTUM_WARMUP_START", float, 0.92, "Muon momentum at step 0"),
+    Knob("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, "steps of linear momentum warmup"),
+    Knob("MUON_BACKEND_STEPS", int, 5, "Polar Express iterations"),
+    Knob("MUON_ROW_NORMALIZE", bool, True, "MuonEq-R: unit-norm rows of the update before orthogonalising"),
+    Knob("MUON_WD", float, 0.095, "decoupled weight decay of the Muon matrices"),
+    Knob("EMBED_WD", float, 0.085, "decoupled weight decay of the tied embedding"),
+    Knob("ADAM_WD", float, 0.02, "decoupled weight decay of the scalars"),
+    Knob("BETA1", float, 0.9, "AdamW beta1"),
+    Knob("BETA2", float, 0.99, "AdamW beta2"),
+    Knob("ADAM_EPS", float, 1e-8, "AdamW epsilon"),
+    Knob("GRAD_CLIP_NORM", float, 0.3, "global grad-norm clip; 0 disables"),
+    Knob("EMA_DECAY", float, 0.9965, "EMA of the weights, used for export and final scoring; 0 disables"),
     # evaluation and logging
     Knob("VAL_LOSS_EVERY", int, 1000, "validate every N steps (0: only at the end)"),
     Knob("VAL_BATCH_TOKENS", int, 524_288, "tokens per validation batch, over all ranks",
@@ -94,15 +119,16 @@ KNOBS = (
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
 )
 
-
 # ----------------------------------------------------------------------------- model
 class CastedLinear(nn.Linear):
     """fp32 master weights, matmul in the activation dtype (bf16 under autocast)."""
 
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features: int, out_features: int, init: str = "default"):
         super().__init__(in_features, out_features, bias=False)
-        if zero_init:  # output projections start at zero so each block starts as the identity
+        if init == "zero":  # output projections start at zero so each block starts as the identity
             nn.init.zeros_(self.weight)
+        elif init == "orthogonal":
+            nn.init.orthogonal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
@@ -112,120 +138,191 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+class PartialRotary(nn.Module):
+    """RoPE on the first `dims` channels of each head (rotate-half within them); the rest pass through."""
+
+    def __init__(self, head_dim: int, dims: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        if dims % 2 or not 0 <= dims <= head_dim:
+            raise KnobError(f"ROPE_DIMS={dims} must be even and at most the head dim {head_dim}")
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / max(dims, 1)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, H, T, D]; rotate pairs (first half, second half) by position-dependent angles
-        t = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+        # x: [B, T, H, D]
+        if self.dims == 0:
+            return x
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
-def _flash_attention_3():
-    try:
-        from flash_attn_interface import flash_attn_func  # FlashAttention 3 (Hopper)
-    except ImportError:
-        return None
-    return flash_attn_func
-
-
-FA3 = _flash_attention_3()
-ATTENTION_BACKEND = "flash_attention_3" if FA3 is not None else "sdpa"
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, H, T, D]."""
-    if FA3 is not None and q.is_cuda:
-        out = FA3(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        rot, rest = x[..., : self.dims], x[..., self.dims :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+    def __init__(self, cfg, xsa: bool):
         super().__init__()
-        if dim % num_heads or num_heads % num_kv_heads:
-            raise KnobError(f"MODEL_DIM={dim} must divide by NUM_HEADS={num_heads}, and NUM_HEADS by NUM_KV_HEADS={num_kv_heads}")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        kv_dim = num_kv_heads * self.head_dim
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, kv_dim)
-        self.c_v = CastedLinear(dim, kv_dim)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        dim, heads, kv_heads = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
+        if dim % heads or heads % kv_heads:
+            raise KnobError(f"MODEL_DIM={dim} must divide by NUM_HEADS={heads}, and NUM_HEADS by NUM_KV_HEADS={kv_heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        kv_dim = kv_heads * self.head_dim
+        self.c_q = CastedLinear(dim, dim, "orthogonal")
+        self.c_k = CastedLinear(dim, kv_dim, "orthogonal")
+        self.c_v = CastedLinear(dim, kv_dim, "orthogonal")
+        self.proj = CastedLinear(dim, dim, "zero")
+        self.q_gain = nn.Parameter(torch.full((heads,), cfg.qk_gain_init))
+        self.rotary = PartialRotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+        self.xsa = xsa
+        # sparse output gate: per head, sigmoid(scale * w . first GATE_WIDTH input channels); zero init = 0.5
+        self.gate_width, self.gate_scale = cfg.gate_width, cfg.sparse_attn_gate_scale
+        if cfg.sparse_attn_gate_enabled:
+            self.attn_gate_w = nn.Parameter(torch.zeros(heads, cfg.gate_width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, a: torch.Tensor, docs) -> torch.Tensor:
+        B, T, C = a.shape
+        q = self.c_q(a).view(B, T, self.heads, self.head_dim)
+        k = self.c_k(a).view(B, T, self.kv_heads, self.head_dim)
+        v = self.c_v(a).view(B, T, self.kv_heads, self.head_dim)
         # QK RMS-norm bounds the logits; the learned gain then sets their temperature per head
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        y = attend(q, k, v, docs)  # [B, T, H, D]
+        if self.xsa:  # remove each head's component along its own position's (normalised) value vector
+            v_hat = F.normalize(v, dim=-1).repeat_interleave(self.heads // self.kv_heads, dim=2)
+            y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+        if hasattr(self, "attn_gate_w"):
+            gate = torch.sigmoid(self.gate_scale * F.linear(a[..., : self.gate_width], self.attn_gate_w.to(a.dtype)))
+            y = y * gate[..., None]
+        return self.proj(y.reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: float):
+    def __init__(self, dim: int, mult: float, slope: float):
         super().__init__()
         hidden = int(mult * dim)
-        self.fc = CastedLinear(dim, hidden)
-        self.proj = CastedLinear(hidden, dim, zero_init=True)
+        self.fc = CastedLinear(dim, hidden, "orthogonal")
+        self.proj = CastedLinear(hidden, dim, "zero")
+        self.slope = slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())  # slope 0 is ReLU^2
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = Attention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.qk_gain_init)
-        self.mlp = MLP(dim, cfg.mlp_mult)
+        self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = MLP(dim, cfg.mlp_mult, cfg.leaky_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # learned mix of the stream and the embedding output x0, starting as the plain stream
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # damps deep layers' inputs
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def attn_branch(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        return x, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
+        x, a = self.attn_branch(x, x0, docs)
+        x = x + a
+        return x + self.mlp_branch(x)
+
+
+def layer_order(cfg, looping: bool) -> list[int]:
+    """Physical layer of each virtual layer: LOOP_START..LOOP_END run NUM_LOOPS+1 times when looping."""
+    if not looping or cfg.num_loops == 0:
+        return list(range(cfg.num_layers))
+    segment = list(range(cfg.loop_start, cfg.loop_end + 1))
+    return list(range(cfg.loop_start)) + segment * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, cfg.num_layers))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        L = cfg.num_layers
+        if cfg.num_loops and not 0 <= cfg.loop_start <= cfg.loop_end < L:
+            raise KnobError(f"need 0 <= LOOP_START={cfg.loop_start} <= LOOP_END={cfg.loop_end} < NUM_LAYERS={L}")
+        self.cfg = cfg
+        self.looping = False  # set by the trainer after ENABLE_LOOPING_AT; evaluation always loops
         self.softcap = cfg.logit_softcap
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        # U-Net: the first half's outputs are added back, last-in first-out, into the second half
-        self.num_encoder = cfg.num_layers // 2
-        num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        if cfg.smear_gate_enabled:  # x_t += lambda * sigmoid(w . x_t[:width]) * x_{t-1}, never across a BOS
+            self.smear_gate = CastedLinear(cfg.smear_width, 1, "zero")
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        # U-Net: encoder outputs are added back, last-in first-out, before the decoder's blocks;
+        # sized for the longest (looped) order, whose encoder/decoder split is the widest
+        order = layer_order(cfg, looping=True)
+        self.num_skips = min(len(order) // 2, len(order) - len(order) // 2)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+        if cfg.skip_gates_enabled:  # x <- lerp(w * skip, x, sigmoid(g)): an even mix at zero init
+            self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
+        self.parallel_start = cfg.parallel_start_layer if 0 <= cfg.parallel_start_layer < L else L
+        if self.parallel_start < L:  # two residual lanes: lane 0 feeds attention, lane 1 the MLP
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+            for looping in (False, True):
+                dec = layer_order(cfg, looping)[len(layer_order(cfg, looping)) // 2 :]
+                first = next((k for k, i in enumerate(dec) if i >= self.parallel_start), len(dec))
+                if any(i < self.parallel_start for i in dec[first:]) or self.parallel_start < L // 2:
+                    raise KnobError(f"PARALLEL_START_LAYER={cfg.parallel_start_layer} must start a tail of "
+                                    f"decoder layers (decoder order {dec}); use -1 to disable")
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def smear(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.cfg.smear_width]))
+        gate = gate[:, 1:] * (idx[:, 1:, None] != BOS_ID).to(x.dtype)  # a BOS never sees the previous document
+        return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        docs = doc_boundaries(idx, BOS_ID, self.cfg.doc_isolation)
         x = self.tok_emb(idx)
         if torch.is_autocast_enabled(x.device.type):  # the residual stream runs in the autocast dtype (bf16)
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if hasattr(self, "smear_gate"):
+            x = self.smear(x, idx)
         x = x0 = rms_norm(x)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips and i - self.num_encoder < len(self.skip_weights):
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
+        order = layer_order(self.cfg, self.looping or not self.training)
+        n_enc = len(order) // 2
+        skips, lanes = [], None
+        for k, i in enumerate(order):
+            block = self.blocks[i]
+            if k < n_enc:
+                x = block(x, x0, docs)
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+                continue
+            d = k - n_enc
+            lane1 = x if lanes is None else lanes[1]  # the MLP lane starts from the stream before the skip
+            if d < self.num_skips and skips:
+                skip = self.skip_weights[d].to(x.dtype) * skips.pop()
+                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[d]).to(x.dtype)) \
+                    if hasattr(self, "skip_gates") else x + skip
+            if i < self.parallel_start:
+                x = block(x, x0, docs)
+                continue
+            lane0 = x
+            _, a = block.attn_branch(lane0, x0, docs)
+            m = block.mlp_branch(lane1)
+            post, resid = self.parallel_post_lambdas[i].to(x.dtype), self.parallel_resid_lambdas[i].to(x.dtype)
+            lanes = (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                     resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+            x = lanes[0]  # the skip of the next decoder step mixes into the attention lane
+        if lanes is not None:
+            final = self.cfg.parallel_final_lane
+            x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[final]
+        return rms_norm(x)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.hidden(idx)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -235,78 +332,14 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- optimizer
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients tuned for fast convergence
+MATRIX_NAMES = ("c_q.weight", "c_k.weight", "c_v.weight", "proj.weight", "fc.weight")
 
 
-def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximately orthogonalises g (the nearest semi-orthogonal matrix) in bf16."""
-    a, b, c = NS_COEFFS
-    x = g.bfloat16()
-    x = x / (x.norm() + 1e-7)
-    transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
-    for _ in range(steps):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.T if transposed else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Momentum + orthogonalised updates for 2-D matrices. Each rank orthogonalises every
-    world_size-th matrix and the updates are summed across ranks, so the work is split evenly."""
-
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, compile: bool = False):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
-        self.orthogonalise = torch.compile(newton_schulz) if compile else newton_schulz
-
-    @torch.no_grad()
-    def step(self):
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-            if torch.distributed.is_initialized() else (0, 1)
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
-                    state = self.state[p]
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    g = self.orthogonalise(g, group["backend_steps"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5  # equal RMS for tall matrices
-                    flat[offset : offset + p.numel()] = g.flatten()
-                offset += p.numel()
-            dist.all_reduce_(flat)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
-
-
-def build_optimizers(model: GPT, cfg, compile: bool) -> list[torch.optim.Optimizer]:
-    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
-    scalars = [p for n, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
-    optimizers = [
-        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": cfg.tied_embed_lr}], **adam),
-        Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-             compile=compile),
-        torch.optim.Adam([{"params": scalars, "lr": cfg.scalar_lr}], **adam),
-    ]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return optimizers
-
-
-def lr_multiplier(progress: float, warmdown_frac: float) -> float:
-    """1 until the last `warmdown_frac` of the budget, then linear to 0 at progress 1."""
-    if warmdown_frac <= 0 or progress < 1 - warmdown_frac:
-        return 1.0
-    return max(0.0, (1 - progress) / warmdown_frac)
+def param_kind(name: str, p: torch.Tensor) -> str:
+    """Muon for the blocks' projection matrices, AdamW for the embedding and everything small."""
+    if name == "tok_emb.weight":
+        return "embed"
+    return "matrix" if name.startswith("blocks.") and name.endswith(MATRIX_NAMES) else "scalar"
 
 
 # ----------------------------------------------------------------------------- data
@@ -360,20 +393,23 @@ def main() -> None:
     if cfg.train_batch_tokens % micro:
         raise KnobError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must divide by WORLD_SIZE*GRAD_ACCUM_STEPS*"
                         f"TRAIN_SEQ_LEN={info.world_size}*{accum}*{cfg.train_seq_len}")
+    if cfg.parallel_final_lane not in ("mean", "attn", "mlp"):
+        raise KnobError(f"PARALLEL_FINAL_LANE={cfg.parallel_final_lane!r}: expected mean, attn or mlp")
     use_compile = cuda if cfg.compile is None else cfg.compile
     run_id = cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     log_dir = Path(cfg.log_dir)
     log = RunLog(log_dir / f"{run_id}.txt" if info.is_main else None)
     meta = log.provenance(__file__, format_config(cfg))
+    attention = backend_name(device, cfg.doc_isolation)
     log(f"run_id:{run_id} world_size:{info.world_size} grad_accum_steps:{accum} device:{device} "
-        f"compile:{use_compile} attention:{ATTENTION_BACKEND}")
-    if FA3 is None:
-        log("attention: FlashAttention 3 not importable; using PyTorch scaled_dot_product_attention")
+        f"compile:{use_compile} attention:{attention}")
+    if cuda and not attention.startswith("flash_attention_3"):
+        log("attention: FlashAttention 3 not importable; using " + attention)
 
     # data and tokenizer
     data = Path(cfg.data_path)
     counter = ByteCounter.from_tokenizer(cfg.tokenizer_path, cfg.vocab_size).to(device)
-    val_tokens = load_stream(str(data / "fineweb_val_*.bin"))
+    val_tokens = load_stream(str(data / "fineweb_val_[0-9]*.bin"))
     if len(val_tokens) - 1 < cfg.train_seq_len:
         raise ValueError(f"{data}: validation stream has {len(val_tokens)} tokens, shorter than TRAIN_SEQ_LEN={cfg.train_seq_len}")
     if int(val_tokens.max()) >= cfg.vocab_size:
@@ -381,16 +417,17 @@ def main() -> None:
     loader = TokenLoader(str(data / "fineweb_train_*.bin"), info.rank, info.world_size)
     log(f"train_shards:{len(loader.paths)} val_tokens:{len(val_tokens)} tokenizer:{cfg.tokenizer_path}")
 
-    # model and optimizers
+    # model and optimizer
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     base_model = GPT(cfg).to(device)
     n_params = sum(p.numel() for p in base_model.parameters())
     log(f"model_params:{n_params}")
+    log("layers: unlooped " + ",".join(map(str, layer_order(cfg, False))) +
+        (" looped " + ",".join(map(str, layer_order(cfg, True))) if cfg.num_loops else ""))
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
-    train_model = DDP(model, device_ids=[info.local_rank] if cuda else None) if info.distributed else model
-    optimizers = build_optimizers(base_model, cfg, use_compile)
-    muon = optimizers[1]
+    opt = build_optimizer(dict(base_model.named_parameters()), param_kind, cfg, compile=use_compile)
+    log("optimizer: " + opt.describe())
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
 
     def eval_loss(x, y):
@@ -398,7 +435,7 @@ def main() -> None:
             return model(x, y, reduction="none")
 
     def validate() -> tuple[float, float]:
-        base_model.eval()
+        base_model.eval()  # evaluation always runs the looped order
         batch_seqs = max(1, cfg.val_batch_tokens // (info.world_size * cfg.train_seq_len))
         result = evaluate_stream(eval_loss, val_tokens, cfg.train_seq_len, batch_seqs, counter, device,
                                  info.rank, info.world_size)
@@ -406,52 +443,44 @@ def main() -> None:
         return result
 
     def train_step(step: int, progress: float) -> torch.Tensor:
-        frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
-        for group in muon.param_groups:
-            group["momentum"] = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
-        scale = lr_multiplier(progress, cfg.warmdown_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
         total = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(loader.next_micro_batches(cfg.train_batch_tokens, cfg.train_seq_len, accum, device)):
-            if info.distributed:  # all-reduce gradients only on the last micro-step
-                train_model.require_backward_grad_sync = i == accum - 1
+        for x, y in loader.next_micro_batches(cfg.train_batch_tokens, cfg.train_seq_len, accum, device):
             with autocast:
-                loss = train_model(x, y)
+                loss = model(x, y)
             (loss / accum).backward()
             total += loss.detach() / accum
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), cfg.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        base_model.zero_grad(set_to_none=True)
+        momentum = momentum_warmup(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
+                                   cfg.muon_momentum_warmup_steps)
+        opt.step(lr_schedule(progress, cfg.warmdown_frac, cfg.min_lr), momentum)
         return total
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    # compile priming: run real steps untimed, then put model, optimizers and loader back
+    # compile priming: real steps in each phase (unlooped, looped), untimed; then everything is reset
     compile_s = 0.0
     if cfg.warmup_steps > 0:
         initial_model = copy.deepcopy(base_model.state_dict())
-        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        initial_opt = copy.deepcopy(opt.state_dict())
         t0 = time.perf_counter()
-        for step in range(cfg.warmup_steps):
-            train_step(step, 0.0)
+        for looping in (False, True) if cfg.num_loops else (False,):
+            base_model.looping = looping
+            for step in range(cfg.warmup_steps):
+                train_step(step, 0.0)
         sync()
         compile_s = time.perf_counter() - t0
+        base_model.looping = False
         base_model.load_state_dict(initial_model)
-        for opt, state in zip(optimizers, initial_opts):
-            opt.load_state_dict(state)
+        opt.load_state_dict(initial_opt)
         loader.reset()
         log(f"compile_warmup_steps:{cfg.warmup_steps} compile_time:{compile_s:.1f}s (not counted in train_time)")
+    ema = EMA(base_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    cap_ms = 1000 * cfg.max_wallclock_seconds
+    cap_ms = 1000 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds > 0 else 0.0
     log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
-        f"max_wallclock_seconds:{cfg.max_wallclock_seconds:g}")
-    val_history, train_ms, step, stop_reason = [], 0.0, 0, "iterations"
+        f"max_wallclock_seconds:{cfg.max_wallclock_seconds:g} effective_cap:{cap_ms:.0f}ms")
+    val_history, phase_ms, train_ms, step, stop_reason = [], {}, 0.0, 0, "iterations"
     sync()
     t0 = time.perf_counter()
     while True:
@@ -469,7 +498,13 @@ def main() -> None:
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         progress = elapsed / cap_ms if cap_ms > 0 else step / cfg.iterations
+        if cfg.num_loops and not base_model.looping and progress >= cfg.enable_looping_at:
+            base_model.looping = True
+            phase_ms["unlooped"] = (elapsed, step)
+            log(f"looping_enabled step:{step} train_time:{elapsed:.0f}ms virtual_layers:{len(layer_order(cfg, True))}")
         loss = train_step(step, progress)
+        if ema is not None:
+            ema.update()
         step += 1
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         if cfg.train_log_every > 0 and (step % cfg.train_log_every == 0 or step <= 10):
@@ -480,6 +515,9 @@ def main() -> None:
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
             stop_reason = "wallclock_cap"
     train_ms_total = val_history[-1]["train_time_ms"]
+    phases = phase_summary(phase_ms, train_ms_total, step, cfg.train_batch_tokens)
+    for name, p in phases.items():
+        log(f"phase:{name} steps:{p['steps']} step_avg:{p['step_avg_ms']:.2f}ms tokens_per_s:{p['tokens_per_s']:.0f}")
 
     if cuda:
         peak = {"allocated_mib": torch.cuda.max_memory_allocated() // 2**20,
@@ -489,9 +527,17 @@ def main() -> None:
         peak = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
         log(f"peak memory (cpu max rss): {peak['cpu_max_rss_mib']} MiB")
 
-    # export: int8 + zlib, then score the round-tripped weights
-    pre_loss, pre_bpb = val_history[-1]["val_loss"], val_history[-1]["val_bpb"]
+    stages = {"in_training": {"val_loss": val_history[-1]["val_loss"], "val_bpb": val_history[-1]["val_bpb"]}}
+    if ema is not None:  # the averaged weights are what gets exported and scored
+        ema.copy_to(base_model)
+        e_loss, e_bpb = validate()
+        log(f"final_ema val_loss:{e_loss:.4f} val_bpb:{e_bpb:.4f}")
+        stages["ema"] = {"val_loss": e_loss, "val_bpb": e_bpb}
+    pre_loss, pre_bpb = stages["ema" if ema is not None else "in_training"].values()
     log(f"final_prequant_exact val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
+    stages["prequant"] = {"val_loss": pre_loss, "val_bpb": pre_bpb}
+
+    # export: int8 + zlib, then score the round-tripped weights
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
     blob = pack_int8(state)
     code_bytes = sum(p.stat().st_size for p in project_sources(__file__))
@@ -509,24 +555,34 @@ def main() -> None:
     q_loss, q_bpb = validate()
     log(f"final_int8_zlib_roundtrip val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f}")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
+    stages["int8_zlib_roundtrip"] = {"val_loss": q_loss, "val_bpb": q_bpb}
 
     if info.is_main:
-        steps_done = step
         write_summary(log_dir / f"{run_id}.json", {
             **meta, "run_id": run_id, "trainer": Path(__file__).name, "config": cfg.as_dict(),
             "world_size": info.world_size, "grad_accum_steps": accum, "device": str(device),
-            "attention_backend": ATTENTION_BACKEND, "compile": use_compile, "compile_time_s": compile_s,
-            "model_params": n_params, "steps": steps_done, "stop_reason": stop_reason,
-            "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(steps_done, 1),
-            "tokens_per_s": cfg.train_batch_tokens * steps_done / max(train_ms_total / 1000, 1e-9),
-            "peak_memory": peak, "val_history": val_history,
-            "stages": {"prequant": {"val_loss": pre_loss, "val_bpb": pre_bpb},
-                       "int8_zlib_roundtrip": {"val_loss": q_loss, "val_bpb": q_bpb}},
+            "attention_backend": attention, "compile": use_compile, "compile_time_s": compile_s,
+            "model_params": n_params, "steps": step, "stop_reason": stop_reason,
+            "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
+            "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,
+            "peak_memory": peak, "val_history": val_history, "stages": stages,
             "bytes": {"code": code_bytes, "model": len(blob), "total": total_bytes, "over_cap": over_cap is not None},
         })
         log(f"summary: {log_dir / f'{run_id}.json'}")
     if over_cap is not None:
         raise over_cap
+
+
+def phase_summary(phase_ms: dict, total_ms: float, steps: int, batch_tokens: int) -> dict:
+    """ms/step and tokens/s before and after looping turned on (one phase when it never did)."""
+    spans = {}
+    if "unlooped" in phase_ms:
+        ms, at = phase_ms["unlooped"]
+        spans = {"unlooped": (ms, at), "looped": (total_ms - ms, steps - at)}
+    else:
+        spans = {"all": (total_ms, steps)}
+    return {name: {"steps": n, "step_avg_ms": ms / max(n, 1), "tokens_per_s": batch_tokens * n / max(ms / 1000, 1e-9)}
+            for name, (ms, n) in spans.items()}
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 TINY = {
+    "VOCAB_SIZE": "1024", "NUM_LOOPS": "0", "PARALLEL_START_LAYER": "-1", "XSA_LAST_N": "2",
     "DATA_PATH": str(SAMPLE / "datasets" / "fineweb10B_sp1024"),
     "TOKENIZER_PATH": str(SAMPLE / "tokenizers" / "fineweb_1024_bpe.model"),
     "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
     "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "1",
-    "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "VAL_BATCH_TOKENS": "16384",
+    "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "VAL_BATCH_TOKENS": "16384", "EMA_DECAY": "0",
     "TRAIN_LOG_EVERY": "1", "COMPILE": "0",
 }
 

@@ -29,12 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.shards import BOS_ID, load_shard, load_stream, shard_paths
+from data.shards import BOS_ID, load_stream
 from golf import dist
 from golf.attention import attend, backend_name, doc_boundaries
 from golf.bpb import ByteCounter
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
 from golf.evaluate import evaluate_stream
+from golf.loader import PackedLoader
 from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
 from golf.runlog import RunLog, project_sources, write_summary
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
@@ -113,7 +114,7 @@ KNOBS = (
     Knob("EMA_DECAY", float, 0.9965, "EMA of the weights, used for export and final scoring; 0 disables"),
     # evaluation and logging
     Knob("VAL_LOSS_EVERY", int, 1000, "validate every N steps (0: only at the end)"),
-    Knob("VAL_BATCH_TOKENS", int, 524_288, "tokens per validation batch, over all ranks",
+    Knob("VAL_BATCH_TOKENS", int, 262_144, "tokens per validation batch, over all ranks (logits are vocab-wide: keep it modest)",
          (Alias("VAL_BATCH_SIZE", note="the baseline's name"),)),
     Knob("TRAIN_LOG_EVERY", int, 200, "log the training loss every N steps"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
@@ -342,42 +343,6 @@ def param_kind(name: str, p: torch.Tensor) -> str:
     return "matrix" if name.startswith("blocks.") and name.endswith(MATRIX_NAMES) else "scalar"
 
 
-# ----------------------------------------------------------------------------- data
-class TokenLoader:
-    """Reads the train shards as one endless stream. Each call takes the next global batch; rank r's
-    micro-batch m is the same tokens whatever the split between ranks and accumulation, so 1 rank
-    with accumulation 8 sees exactly what 8 ranks see."""
-
-    def __init__(self, pattern: str, rank: int, world: int):
-        self.paths, self.rank, self.world = shard_paths(pattern), rank, world
-        self.reset()
-
-    def reset(self) -> None:
-        self.file, self.pos = 0, 0
-        self.tokens = load_shard(self.paths[0])
-
-    def _take(self, n: int) -> np.ndarray:
-        parts = []
-        while n > 0:
-            if self.pos >= len(self.tokens):
-                self.file = (self.file + 1) % len(self.paths)
-                self.tokens, self.pos = load_shard(self.paths[self.file]), 0
-            chunk = self.tokens[self.pos : self.pos + n]
-            parts.append(chunk)
-            self.pos += len(chunk)
-            n -= len(chunk)
-        return np.concatenate(parts)
-
-    def next_micro_batches(self, global_tokens: int, seq_len: int, accum: int, device: torch.device):
-        """Yields `accum` (inputs, targets) pairs of this rank's share of one optimizer step."""
-        local = global_tokens // (self.world * accum)
-        span = local + 1  # one extra token so targets are inputs shifted by one
-        for _ in range(accum):
-            chunk = self._take(span * self.world)[self.rank * span : (self.rank + 1) * span]
-            t = torch.from_numpy(chunk.astype(np.int64)).to(device, non_blocking=True)
-            yield t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
-
-
 # ----------------------------------------------------------------------------- training
 def main() -> None:
     if "--help" in sys.argv or "-h" in sys.argv:
@@ -414,7 +379,8 @@ def main() -> None:
         raise ValueError(f"{data}: validation stream has {len(val_tokens)} tokens, shorter than TRAIN_SEQ_LEN={cfg.train_seq_len}")
     if int(val_tokens.max()) >= cfg.vocab_size:
         raise ValueError(f"{data}: validation token id {int(val_tokens.max())} >= VOCAB_SIZE={cfg.vocab_size}")
-    loader = TokenLoader(str(data / "fineweb_train_*.bin"), info.rank, info.world_size)
+    loader = PackedLoader(str(data / "fineweb_train_*.bin"), cfg.train_seq_len, cfg.train_batch_tokens, accum,
+                          info.rank, info.world_size, device)
     log(f"train_shards:{len(loader.paths)} val_tokens:{len(val_tokens)} tokenizer:{cfg.tokenizer_path}")
 
     # model and optimizer
@@ -444,7 +410,7 @@ def main() -> None:
 
     def train_step(step: int, progress: float) -> torch.Tensor:
         total = torch.zeros((), device=device)
-        for x, y in loader.next_micro_batches(cfg.train_batch_tokens, cfg.train_seq_len, accum, device):
+        for x, y in loader.next_batch():
             with autocast:
                 loss = model(x, y)
             (loss / accum).backward()
@@ -514,6 +480,7 @@ def main() -> None:
         if cap_ms > 0 and (dist.any_rank(elapsed >= cap_ms, device) if info.distributed else elapsed >= cap_ms):
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
             stop_reason = "wallclock_cap"
+    loader.close()
     train_ms_total = val_history[-1]["train_time_ms"]
     phases = phase_summary(phase_ms, train_ms_total, step, cfg.train_batch_tokens)
     for name, p in phases.items():

@@ -37,20 +37,18 @@ def _weights(tmp):
 
 
 def test_two_gloo_ranks_equal_one_rank_with_accumulation(tmp_path):
+    # Clipping off: its norm is summed in a different order across ranks, an ulp that AdamW then
+    # amplifies on rare embedding rows (tests/test_optim.py checks clipping across ranks to 1e-5).
     one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(ITERATIONS="4", VAL_LOSS_EVERY="0", TRAIN_BATCH_TOKENS="2048")
+    common = dict(ITERATIONS="4", VAL_LOSS_EVERY="0", TRAIN_BATCH_TOKENS="2048", GRAD_CLIP_NORM="0")
     run_trainer(one, GRAD_ACCUM_STEPS="2", **common)
     run_trainer(two, nproc=2, GRAD_ACCUM_STEPS="1", **common)
     assert summary(two)["world_size"] == 2 and summary(one)["grad_accum_steps"] == 2
-    assert train_losses(one) == pytest.approx(train_losses(two), abs=2e-4)
-    assert summary(one)["stages"]["prequant"]["val_loss"] == pytest.approx(
-        summary(two)["stages"]["prequant"]["val_loss"], abs=1e-4)
+    assert train_losses(one) == train_losses(two) and len(train_losses(one)) == 4
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
     for name in w1:
-        assert torch.allclose(w1[name], w2[name], atol=2e-4, rtol=0), name
-    moved = max((w1[n] - w2[n]).abs().max().item() for n in w1)
-    assert moved < 2e-4
+        assert torch.equal(w1[name], w2[name]), name
 
 
 def test_failing_rank_ends_every_rank(tmp_path):

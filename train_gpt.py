@@ -189,7 +189,8 @@ class Attention(nn.Module):
         # QK RMS-norm bounds the logits; the learned gain then sets their temperature per head
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = attend(q, k, v, docs)  # [B, T, H, D]
+        # autocast leaves the RMS-normed q, k in fp32; FlexAttention and FA3 need one dtype (v's, bf16)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v, docs)  # [B, T, H, D]
         if self.xsa:  # remove each head's component along its own position's (normalised) value vector
             v_hat = F.normalize(v, dim=-1).repeat_interleave(self.heads // self.kv_heads, dim=2)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat

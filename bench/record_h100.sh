@@ -22,7 +22,8 @@ if [ ! -f "$BENCH/datasets/bench_sp8192/fineweb_train_000000.bin" ]; then
 fi
 export DATA_PATH="$BENCH/datasets/bench_sp8192" TOKENIZER_PATH="$BENCH/tokenizers/fineweb_8192_bpe.model"
 export LOG_DIR="$OUT" VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=100 PYTHONUNBUFFERED=1 SEED GPTQ_RESERVE_SECONDS=0
-run() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py; }
+set -o pipefail
+run() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py 2>&1 | tee "$OUT/$RUN_ID.console"; }
 case "$MODE" in
   proxy) RUN_ID=${RUN_ID:-record_proxy_180s_seed$SEED} MAX_WALLCLOCK_SECONDS=180 TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 run ;;
   full)  RUN_ID=${RUN_ID:-record_full_150s} MAX_WALLCLOCK_SECONDS=150 TRAIN_BATCH_TOKENS=786432 GRAD_ACCUM_STEPS=8 run ;;

@@ -284,8 +284,13 @@ class GPT(nn.Module):
         gate = gate[:, 1:] * (idx[:, 1:, None] != BOS_ID).to(x.dtype)  # a BOS never sees the previous document
         return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        docs = doc_boundaries(idx, BOS_ID, self.cfg.doc_isolation)
+    def doc_info(self, idx: torch.Tensor):
+        """Document layout of a batch. Build it outside a compiled model and pass it in: its tensors
+        are then graph inputs (Inductor's FlexAttention lowering fails on a mask computed in-graph)."""
+        return doc_boundaries(idx, BOS_ID, self.cfg.doc_isolation)
+
+    def hidden(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
+        docs = self.doc_info(idx) if docs is None else docs
         x = self.tok_emb(idx)
         if torch.is_autocast_enabled(x.device.type):  # the residual stream runs in the autocast dtype (bf16)
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -322,13 +327,13 @@ class GPT(nn.Module):
             x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[final]
         return rms_norm(x)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.hidden(idx)
+    def logits(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
+        x = self.hidden(idx, docs)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        logits = self.logits(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", docs=None) -> torch.Tensor:
+        logits = self.logits(idx, docs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
         return loss.view_as(targets) if reduction == "none" else loss
 
@@ -399,7 +404,7 @@ def main() -> None:
 
     def eval_loss(x, y):
         with autocast:
-            return model(x, y, reduction="none")
+            return model(x, y, reduction="none", docs=base_model.doc_info(x))
 
     def validate() -> tuple[float, float]:
         base_model.eval()  # evaluation always runs the looped order
@@ -413,7 +418,7 @@ def main() -> None:
         total = torch.zeros((), device=device)
         for x, y in loader.next_batch():
             with autocast:
-                loss = model(x, y)
+                loss = model(x, y, docs=base_model.doc_info(x))
             (loss / accum).backward()
             total += loss.detach() / accum
         momentum = momentum_warmup(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,

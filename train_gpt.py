@@ -15,13 +15,12 @@ CPU example (2 cores, about two minutes, the embedded sample):
 from __future__ import annotations
 
 import copy
+import glob
 import math
-import os
 import resource
 import sys
 import time
 import uuid
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from data.shards import BOS_ID, load_stream
 from golf import dist
 from golf.attention import attend, backend_name, doc_boundaries
-from golf.bpb import ByteCounter
+from golf.bpb import ByteCounter, load_byte_sidecar
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
 from golf.evaluate import evaluate_stream
 from golf.loader import PackedLoader
@@ -385,6 +384,9 @@ def main() -> None:
         raise ValueError(f"{data}: validation stream has {len(val_tokens)} tokens, shorter than TRAIN_SEQ_LEN={cfg.train_seq_len}")
     if int(val_tokens.max()) >= cfg.vocab_size:
         raise ValueError(f"{data}: validation token id {int(val_tokens.max())} >= VOCAB_SIZE={cfg.vocab_size}")
+    sidecar_pattern = str(data / "fineweb_val_bytes_*.bin")
+    sidecar = load_byte_sidecar(sidecar_pattern, len(val_tokens)) if glob.glob(sidecar_pattern) else None
+    log(f"val_bytes: {'byte sidecar ' + sidecar_pattern if sidecar is not None else 'tokenizer pieces'}")
     loader = PackedLoader(str(data / "fineweb_train_*.bin"), cfg.train_seq_len, cfg.train_batch_tokens, accum,
                           info.rank, info.world_size, device)
     log(f"train_shards:{len(loader.paths)} val_tokens:{len(val_tokens)} tokenizer:{cfg.tokenizer_path}")
@@ -410,7 +412,7 @@ def main() -> None:
         base_model.eval()  # evaluation always runs the looped order
         batch_seqs = max(1, cfg.val_batch_tokens // (info.world_size * cfg.train_seq_len))
         result = evaluate_stream(eval_loss, val_tokens, cfg.train_seq_len, batch_seqs, counter, device,
-                                 info.rank, info.world_size)
+                                 info.rank, info.world_size, sidecar)
         base_model.train()
         return result
 

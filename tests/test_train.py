@@ -3,6 +3,7 @@ import re
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,22 @@ def test_short_validation_stream_is_a_clear_error(tmp_path):
 def test_research_trainer_runs_the_same_stack(tmp_path):
     run_trainer(tmp_path, script="train_gpt_v2.py", ITERATIONS="2", VAL_LOSS_EVERY="0")
     assert summary(tmp_path)["steps"] == 2
+
+
+def test_byte_sidecar_is_used_and_agrees_with_tokenizer_bytes(tmp_path):
+    import shutil
+
+    from data.shards import load_shard, write_shard
+    from golf.bpb import ByteCounter
+    from tests.trainer_runs import SAMPLE, TINY
+
+    data = tmp_path / "data"
+    shutil.copytree(TINY["DATA_PATH"], data)
+    val = load_shard(data / "fineweb_val_000000.bin")
+    counter = ByteCounter.from_tokenizer(SAMPLE / "tokenizers" / "fineweb_1024_bpe.model")
+    write_shard(data / "fineweb_val_bytes_000000.bin", counter.stream_bytes(np.asarray(val)))
+    run_trainer(tmp_path / "side", ITERATIONS="0", DATA_PATH=str(data))
+    run_trainer(tmp_path / "lut", ITERATIONS="0")
+    assert "val_bytes: byte sidecar" in (tmp_path / "side" / "t.txt").read_text()
+    assert summary(tmp_path / "side")["stages"]["prequant"]["val_bpb"] == pytest.approx(
+        summary(tmp_path / "lut")["stages"]["prequant"]["val_bpb"], rel=1e-12)

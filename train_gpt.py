@@ -273,7 +273,8 @@ class GPT(nn.Module):
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
             for looping in (False, True):
-                dec = layer_order(cfg, looping)[len(layer_order(cfg, looping)) // 2 :]
+                order = layer_order(cfg, looping)
+                dec = order[len(order) // 2 :]
                 first = next((k for k, i in enumerate(dec) if i >= self.parallel_start), len(dec))
                 if any(i < self.parallel_start for i in dec[first:]) or self.parallel_start < L // 2:
                     raise KnobError(f"PARALLEL_START_LAYER={cfg.parallel_start_layer} must start a tail of "
@@ -455,7 +456,7 @@ def main() -> None:
     cap_ms = 1000 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds > 0 else 0.0
     log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"max_wallclock_seconds:{cfg.max_wallclock_seconds:g} effective_cap:{cap_ms:.0f}ms")
-    val_history, phase_ms, train_ms, step, stop_reason = [], {}, 0.0, 0, "iterations"
+    val_history, loop_began, train_ms, step, stop_reason = [], None, 0.0, 0, "iterations"
     sync()
     t0 = time.perf_counter()
     while True:
@@ -475,7 +476,7 @@ def main() -> None:
         progress = elapsed / cap_ms if cap_ms > 0 else step / cfg.iterations
         if cfg.num_loops and not base_model.looping and progress >= cfg.enable_looping_at:
             base_model.looping = True
-            phase_ms["unlooped"] = (elapsed, step)
+            loop_began = (elapsed, step)
             log(f"looping_enabled step:{step} train_time:{elapsed:.0f}ms virtual_layers:{len(layer_order(cfg, True))}")
         loss = train_step(step, progress)
         if ema is not None:
@@ -491,7 +492,7 @@ def main() -> None:
             stop_reason = "wallclock_cap"
     loader.close()
     train_ms_total = val_history[-1]["train_time_ms"]
-    phases = phase_summary(phase_ms, train_ms_total, step, cfg.train_batch_tokens)
+    phases = phase_summary(loop_began, train_ms_total, step, cfg.train_batch_tokens)
     for name, p in phases.items():
         log(f"phase:{name} steps:{p['steps']} step_avg:{p['step_avg_ms']:.2f}ms tokens_per_s:{p['tokens_per_s']:.0f}")
 
@@ -549,14 +550,13 @@ def main() -> None:
         raise over_cap
 
 
-def phase_summary(phase_ms: dict, total_ms: float, steps: int, batch_tokens: int) -> dict:
-    """ms/step and tokens/s before and after looping turned on (one phase when it never did)."""
-    spans = {}
-    if "unlooped" in phase_ms:
-        ms, at = phase_ms["unlooped"]
-        spans = {"unlooped": (ms, at), "looped": (total_ms - ms, steps - at)}
-    else:
+def phase_summary(loop_began: tuple[float, int] | None, total_ms: float, steps: int, batch_tokens: int) -> dict:
+    """ms/step and tokens/s before and after looping turned on at (train ms, step); one phase when it never did."""
+    if loop_began is None:
         spans = {"all": (total_ms, steps)}
+    else:
+        ms, at = loop_began
+        spans = {"unlooped": (ms, at), "looped": (total_ms - ms, steps - at)}
     return {name: {"steps": n, "step_avg_ms": ms / max(n, 1), "tokens_per_s": batch_tokens * n / max(ms / 1000, 1e-9)}
             for name, (ms, n) in spans.items()}
 

@@ -73,7 +73,10 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    """Waits for every rank before closing the group: gloo aborts a rank that tears down while a peer
+    (rank 0 writing the artifact) still holds the connection."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

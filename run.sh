@@ -38,10 +38,10 @@ fi
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -gt 0 ]; then
-  export DATA_PATH="${DATA_PATH:-./datasets/fineweb10B_sp8192}"
-  export TOKENIZER_PATH="${TOKENIZER_PATH:-./tokenizers/fineweb_8192_bpe.model}"
+  export DATA_PATH="${DATA_PATH:-./datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved}"
+  export TOKENIZER_PATH="${TOKENIZER_PATH:-./tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model}"
   if ! compgen -G "$DATA_PATH/fineweb_train_*.bin" >/dev/null; then
-    "$PY" -m data download sp8192 --train-shards "${TRAIN_SHARDS:-80}" --out .
+    "$PY" -m data download caseops-sp8192 --train-shards "${TRAIN_SHARDS:-80}" --out .
   fi
   exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_gpt.py
 fi
@@ -57,13 +57,16 @@ export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}" TRAIN_BATCH_TOKENS="${TRAIN_BATCH_T
 export ITERATIONS="${ITERATIONS:-150}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}" WARMUP_STEPS="${WARMUP_STEPS:-0}"
 export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.5}" VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-25}"
 export VAL_BATCH_TOKENS="${VAL_BATCH_TOKENS:-32768}" RUN_ID="${RUN_ID:-cpu_$(date +%Y%m%d_%H%M%S)}"
+export TTT_EVAL_SEQ_LEN="${TTT_EVAL_SEQ_LEN:-256}" TTT_LORA_RANK="${TTT_LORA_RANK:-8}" TTT_LORA_LR="${TTT_LORA_LR:-0.001}"
+export PHASED_TTT_PREFIX_DOCS="${PHASED_TTT_PREFIX_DOCS:-0.2}" GPTQ_CALIBRATION_BATCHES="${GPTQ_CALIBRATION_BATCHES:-8}"
 "$PY" train_gpt.py
 "$PY" - "${LOG_DIR:-logs}/$RUN_ID.json" <<'PYEOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
-first, last = s["val_history"][0], s["stages"]["int8_zlib_roundtrip"]
+first = s["val_history"][0]
 print(f"untrained val_bpb: {first['val_bpb']:.4f}")
-print(f"trained   val_bpb: {last['val_bpb']:.4f} (int8+zlib round trip, {s['steps']} steps, "
-      f"{100 * (1 - last['val_bpb'] / first['val_bpb']):.1f}% lower)")
+for name, stage in s["stages"].items():
+    print(f"{name + ':':22s}val_bpb {stage['val_bpb']:.4f} ({100 * (1 - stage['val_bpb'] / first['val_bpb']):.1f}% lower)")
+print(f"artifact: {s['bytes']['total']} bytes ({s['bytes']['label']}), {s['steps']} steps")
 print(f"log: {sys.argv[1][:-5]}.txt  summary: {sys.argv[1]}")
 PYEOF

@@ -34,12 +34,16 @@ from golf import dist
 from golf.attention import attend, backend_name, doc_boundaries
 from golf.bpb import ByteCounter, load_byte_sidecar
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
-from golf.evaluate import evaluate_stream
+from golf.evaluate import evaluate_stream, target_bytes
 from golf.loader import PackedLoader
 from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
-from golf.runlog import RunLog, project_sources, write_summary
+from golf.runlog import RunLog, write_summary
+from golf.ttt import TTTSettings, evaluate_ttt, phase_ends, split_documents
+from quant import export
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
+from quant.hessian import HessianCollector
 from quant.int8 import pack_int8, unpack_int8
+from quant.pack import code_bytes as packed_code_bytes
 from quant.serialize import serialize
 
 
@@ -50,8 +54,11 @@ def _warmdown_iters_to_frac(raw: str, env) -> float:
 
 # ----------------------------------------------------------------------------- settings
 KNOBS = (
-    Knob("DATA_PATH", str, "./datasets/fineweb10B_sp8192", "folder with fineweb_train_*.bin and fineweb_val_*.bin"),
-    Knob("TOKENIZER_PATH", str, "./tokenizers/fineweb_8192_bpe.model", "SentencePiece model the shards were made with"),
+    # the record's data: SP8192 on CaseOps text (`python -m data download caseops-sp8192`), scored by its byte sidecar
+    Knob("DATA_PATH", str, "./datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+         "folder with fineweb_train_*.bin, fineweb_val_*.bin (and fineweb_val_bytes_*.bin for transformed text)"),
+    Knob("TOKENIZER_PATH", str, "./tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+         "SentencePiece model the shards were made with"),
     Knob("RUN_ID", str, "", "name of the run's log and summary files (empty: a fresh id)"),
     Knob("SEED", int, 1337, "seed for initialisation"),
     Knob("LOG_DIR", str, "logs", "folder for the log, JSON summary and artifact"),
@@ -113,10 +120,45 @@ KNOBS = (
     Knob("GRAD_CLIP_NORM", float, 0.3, "global grad-norm clip; 0 disables"),
     Knob("EMA_DECAY", float, 0.9965, "EMA of the weights, used for export and final scoring; 0 disables"),
     # evaluation and logging
+    # export (quant/): GPTQ on calibration Hessians, LQER, brotli; the budget fitter keeps it under the cap
+    Knob("QUANT_METHOD", str, "gptq", "export: gptq, rtn (round-to-nearest at the same bits) or int8 (the baseline's int8+zlib)"),
+    Knob("GPTQ_CALIBRATION_BATCHES", int, 16, "training micro-batches per rank whose activations give the Hessians"),
+    Knob("MATRIX_BITS", int, 6, "bits of the block matrices"),
+    Knob("EMBED_BITS", int, 7, "bits of the tied embedding"),
+    Knob("ATTN_CLIP_SIGMAS", float, 13.0, "attention matrices' clip = k x row std"),
+    Knob("MLP_CLIP_SIGMAS", float, 11.5, "MLP matrices' clip = k x row std"),
+    Knob("EMBED_CLIP_SIGMAS", float, 14.0, "tied embedding's clip = k x row std"),
+    Knob("MATRIX_CLIP_SIGMAS", float, 12.85, "other large matrices' clip = k x row std"),
+    Knob("LQER_ENABLED", bool, True, "rank-r corrections (A int2, B int4) on the worst-quantized matrices"),
+    Knob("LQER_RANK", int, 4, "rank of each LQER correction"),
+    Knob("LQER_TOP_K", int, 3, "matrices that get an LQER correction"),
+    Knob("COMPRESSOR", str, "brotli", "model bytes compressor: brotli, lzma, zlib or none"),
+    Knob("FIT_BUDGET", bool, True, "if code + model exceed 16,000,000 bytes, drop LQER then widen clips until they fit"),
     Knob("VAL_LOSS_EVERY", int, 1000, "validate every N steps (0: only at the end)"),
     Knob("VAL_BATCH_TOKENS", int, 262_144, "tokens per validation batch, over all ranks (logits are vocab-wide: keep it modest)",
          (Alias("VAL_BATCH_SIZE", note="the baseline's name"),)),
     Knob("TRAIN_LOG_EVERY", int, 200, "log the training loss every N steps"),
+    Knob("EVAL_SEQ_LEN", int, 0, "context window of the final evaluation stages (0: TRAIN_SEQ_LEN)"),
+    Knob("EVAL_STRIDE", int, 64, "final sliding-window stage's stride; 0 or >= EVAL_SEQ_LEN skips that stage"),
+    # score-first test-time training, the last scored stage (golf/ttt.py)
+    Knob("TTT_ENABLED", bool, True, "final stage: score-first LoRA test-time training over the val documents"),
+    Knob("TTT_CHUNK_SIZE", int, 48, "tokens scored per document before each adapter step"),
+    Knob("TTT_EVAL_SEQ_LEN", int, 2048, "most tokens of a document's prefix a TTT chunk sees"),
+    Knob("TTT_BATCH_DOCS", int, 64, "documents per TTT batch (one adapter each)", (Alias("TTT_BATCH_SIZE"),)),
+    Knob("TTT_LORA_RANK", int, 96, "rank of the TTT LoRA adapters"),
+    Knob("TTT_LORA_ALPHA", float, 96.0, "LoRA scale numerator (delta = x A B * alpha / rank)"),
+    Knob("TTT_LORA_TARGETS", str, "k,o,fc,proj,head", "projections with adapters: q,k,v,o,fc,proj,head"),
+    Knob("TTT_LORA_LR", float, 1e-4, "AdamW learning rate of the adapters"),
+    Knob("TTT_BETA1", float, 0.0, "adapter AdamW beta1"),
+    Knob("TTT_BETA2", float, 0.999, "adapter AdamW beta2"),
+    Knob("TTT_WEIGHT_DECAY", float, 0.5, "adapter AdamW decoupled weight decay"),
+    Knob("PHASED_TTT_PREFIX_DOCS", float, 2500, "documents scored before the last global SGD pass (< 1: a fraction of val docs; 0: none)"),
+    Knob("PHASED_TTT_NUM_PHASES", int, 3, "global SGD passes, evenly spaced over the prefix documents"),
+    Knob("GLOBAL_TTT_LR", float, 1e-3, "SGD learning rate of the global passes"),
+    Knob("GLOBAL_TTT_MOMENTUM", float, 0.9, "SGD momentum of the global passes"),
+    Knob("GLOBAL_TTT_EPOCHS", int, 1, "epochs of each global pass over the scored documents"),
+    Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
+    Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
 )
 
@@ -329,8 +371,15 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
-        x = self.hidden(idx, docs)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        return self.head(self.hidden(idx, docs))
+
+    def head(self, x: torch.Tensor, head_delta=None) -> torch.Tensor:
+        """Softcapped fp32 logits of final hidden states; `head_delta(x)` (test-time LoRA) is added
+        before the cap. Separate from hidden() so TTT computes logits of the scored positions only."""
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if head_delta is not None:
+            logits = logits + head_delta(x)
+        logits = logits.float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", docs=None) -> torch.Tensor:
@@ -388,6 +437,10 @@ def main() -> None:
         raise ValueError(f"{data}: validation token id {int(val_tokens.max())} >= VOCAB_SIZE={cfg.vocab_size}")
     sidecar_pattern = str(data / "fineweb_val_bytes_*.bin")
     sidecar = load_byte_sidecar(sidecar_pattern, len(val_tokens)) if glob.glob(sidecar_pattern) else None
+    if sidecar is None and "caseops" in Path(cfg.tokenizer_path).name.lower():
+        raise ValueError(f"{data}: a CaseOps tokenizer ({cfg.tokenizer_path}) needs the val byte sidecar "
+                         f"{sidecar_pattern}: its pieces are transformed text, not the original bytes")
+    byte_counts = target_bytes(val_tokens, counter, sidecar)
     log(f"val_bytes: {'byte sidecar ' + sidecar_pattern if sidecar is not None else 'tokenizer pieces'}")
     loader = PackedLoader(str(data / "fineweb_train_*.bin"), cfg.train_seq_len, cfg.train_batch_tokens, accum,
                           info.rank, info.world_size, device)
@@ -410,11 +463,11 @@ def main() -> None:
         with autocast:
             return model(x, y, reduction="none", docs=base_model.doc_info(x))
 
-    def validate() -> tuple[float, float]:
+    def validate(seq_len: int = cfg.train_seq_len, stride: int = 0) -> tuple[float, float]:
         base_model.eval()  # evaluation always runs the looped order
-        batch_seqs = max(1, cfg.val_batch_tokens // (info.world_size * cfg.train_seq_len))
-        result = evaluate_stream(eval_loss, val_tokens, cfg.train_seq_len, batch_seqs, counter, device,
-                                 info.rank, info.world_size, sidecar)
+        batch_seqs = max(1, cfg.val_batch_tokens // (info.world_size * seq_len))
+        result = evaluate_stream(eval_loss, val_tokens, seq_len, batch_seqs, byte_counts, device,
+                                 info.rank, info.world_size, stride)
         base_model.train()
         return result
 
@@ -490,7 +543,6 @@ def main() -> None:
         if cap_ms > 0 and (dist.any_rank(elapsed >= cap_ms, device) if info.distributed else elapsed >= cap_ms):
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
             stop_reason = "wallclock_cap"
-    loader.close()
     train_ms_total = val_history[-1]["train_time_ms"]
     phases = phase_summary(loop_began, train_ms_total, step, cfg.train_batch_tokens)
     for name, p in phases.items():
@@ -514,25 +566,49 @@ def main() -> None:
     log(f"final_prequant_exact val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
     stages["prequant"] = {"val_loss": pre_loss, "val_bpb": pre_bpb}
 
-    # export: int8 + zlib, then score the round-tripped weights
-    state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
-    blob = pack_int8(state)
-    code_bytes = sum(p.stat().st_size for p in project_sources(__file__))
-    for line in size_log_lines(code_bytes, len(blob), "int8+zlib"):
+    # export: quantize and pack (rank 0), prove the size, then score the round-tripped weights everywhere
+    state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in base_model.state_dict().items()}
+    hessians, calib_s = None, 0.0
+    if cfg.quant_method == "gptq":
+        t0 = time.perf_counter()
+        hessians = calibrate(base_model, loader, cfg.gptq_calibration_batches, autocast)
+        calib_s = time.perf_counter() - t0
+        log(f"gptq_calibration batches:{cfg.gptq_calibration_batches} ranks:{info.world_size} time:{calib_s:.1f}s")
+    loader.close()
+    code_bytes = packed_code_bytes(__file__)
+    t0 = time.perf_counter()
+    label, blob, over_cap, fit_steps = export_label(cfg), b"", None, []
+    if info.is_main:
+        try:
+            blob, fit_steps = quantize_and_pack(cfg, state, hessians, code_bytes, log)
+        except ArtifactTooLarge as e:  # only without the fitter or when even it fails: the blob is kept
+            over_cap, blob = e, e.blob
+    blob = dist.broadcast_bytes(blob, device)
+    export_s = time.perf_counter() - t0
+    for line in size_log_lines(code_bytes, len(blob), label):
         log(line)
-    try:
-        total_bytes, over_cap = check_artifact(code_bytes, len(blob)), None
-    except ArtifactTooLarge as e:
-        total_bytes, over_cap = code_bytes + len(blob), e
-        log(f"ERROR: {e}")
+    if over_cap is None and info.is_main:
+        try:
+            check_artifact(code_bytes, len(blob))
+        except ArtifactTooLarge as e:
+            over_cap = e
+    if over_cap is not None:
+        log(f"ERROR: {over_cap}")
+    log(f"export_time:{export_s:.1f}s (quantize + pack, after {calib_s:.1f}s of calibration)")
     if info.is_main:  # full-precision weights (pickle-free) for re-quantization without retraining
-        (log_dir / f"{run_id}_model.pre.bin").write_bytes(serialize(state, {"run_id": run_id, "config": cfg.as_dict()}))
-        (log_dir / f"{run_id}_model.int8.z").write_bytes(blob)
-    base_model.load_state_dict(unpack_int8(blob))
+        cpu_state = {k: v.cpu() for k, v in state.items()}
+        (log_dir / f"{run_id}_model.pre.bin").write_bytes(serialize(cpu_state, {"run_id": run_id, "config": cfg.as_dict()}))
+        if hessians is not None:
+            (log_dir / f"{run_id}_hessians.bin").write_bytes(serialize({k: v.cpu() for k, v in hessians.items()}))
+        (log_dir / f"{run_id}_model.{cfg.quant_method}.bin").write_bytes(blob)
+    t0 = time.perf_counter()
+    base_model.load_state_dict(unpack_int8(blob) if cfg.quant_method == "int8" else export.unpack(blob))
     q_loss, q_bpb = validate()
-    log(f"final_int8_zlib_roundtrip val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f}")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
-    stages["int8_zlib_roundtrip"] = {"val_loss": q_loss, "val_bpb": q_bpb}
+    stage = "int8_zlib_roundtrip" if cfg.quant_method == "int8" else "quant_roundtrip"
+    log(f"final_{stage} val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} eval_time:{time.perf_counter() - t0:.1f}s")
+    log(f"final_{stage}_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
+    stages[stage] = {"val_loss": q_loss, "val_bpb": q_bpb, "gap_vs_prequant": q_bpb - pre_bpb}
+    stages.update(final_stages(cfg, base_model, val_tokens, byte_counts, validate, autocast, device, log))
 
     if info.is_main:
         write_summary(log_dir / f"{run_id}.json", {
@@ -543,11 +619,115 @@ def main() -> None:
             "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
             "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,
             "peak_memory": peak, "val_history": val_history, "stages": stages,
-            "bytes": {"code": code_bytes, "model": len(blob), "total": total_bytes, "over_cap": over_cap is not None},
+            "bytes": {"code": code_bytes, "model": len(blob), "total": code_bytes + len(blob),
+                      "over_cap": over_cap is not None, "label": label},
+            "export": {"method": cfg.quant_method, "calibration_s": calib_s, "export_s": export_s, "fit_steps": fit_steps},
         })
         log(f"summary: {log_dir / f'{run_id}.json'}")
     if over_cap is not None:
         raise over_cap
+
+
+@torch.no_grad()
+def calibrate(model: GPT, loader: PackedLoader, batches: int, autocast) -> dict[str, torch.Tensor]:
+    """Hessians (mean x x^T) of every block matrix's input, and of the final hidden state for the tied
+    embedding, over `batches` training micro-batches per rank, summed over ranks. The model runs its
+    evaluation (looped) order: every pass through a looped layer counts."""
+    model.eval()
+    names = {f"{n}.weight": m for n, m in model.named_modules()
+             if isinstance(m, CastedLinear) and f"{n}.weight".endswith(MATRIX_NAMES) and n.startswith("blocks.")}
+    collector = HessianCollector()
+    with collector.attach(model, names):
+        seen = 0
+        while seen < batches:
+            for x, _ in loader.next_batch():
+                if seen == batches:
+                    break
+                with autocast:
+                    collector.add("tok_emb.weight", model.hidden(x))
+                seen += 1
+    model.train()
+    sums, counts = collector.hessians(), collector.counts
+    for name, H in sums.items():  # mean over this rank's tokens -> global mean over every rank's tokens
+        n = torch.tensor(float(counts[name]), device=H.device, dtype=torch.float64)
+        H.mul_(counts[name])
+        dist.all_reduce_(H)
+        dist.all_reduce_(n)
+        H.div_(float(n))
+    return sums
+
+
+def export_label(cfg) -> str:
+    if cfg.quant_method == "int8":
+        return "int8+zlib"
+    bits = f"int{cfg.matrix_bits}/int{cfg.embed_bits}"
+    return f"{bits} {cfg.quant_method}{'+lqer' if cfg.lqer_enabled else ''}+{cfg.compressor}"
+
+
+def quant_settings(cfg) -> export.QuantSettings:
+    return export.QuantSettings(
+        matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits, attn_clip_sigmas=cfg.attn_clip_sigmas,
+        mlp_clip_sigmas=cfg.mlp_clip_sigmas, embed_clip_sigmas=cfg.embed_clip_sigmas,
+        matrix_clip_sigmas=cfg.matrix_clip_sigmas, lqer_enabled=cfg.lqer_enabled, lqer_rank=cfg.lqer_rank,
+        lqer_top_k=cfg.lqer_top_k, compressor=cfg.compressor, gptq=cfg.quant_method == "gptq")
+
+
+def quantize_and_pack(cfg, state, hessians, code_bytes: int, log) -> tuple[bytes, list[dict]]:
+    """The model bytes of the artifact, and the budget fitter's steps (none for int8 or FIT_BUDGET=0)."""
+    if cfg.quant_method == "int8":
+        return pack_int8({k: v.cpu() for k, v in state.items()}), []
+    if cfg.quant_method not in ("gptq", "rtn"):
+        raise KnobError(f"QUANT_METHOD={cfg.quant_method!r}: expected gptq, rtn or int8")
+    qs = quant_settings(cfg)
+    if cfg.fit_budget:
+        try:
+            blob, qs, steps, qm = export.fit_to_budget(state, hessians, qs, code_bytes, log=log)
+        except ArtifactTooLarge as e:  # log it and score the unfitted model anyway; the run still fails
+            e.blob = export.pack(export.quantize_state(state, hessians, qs), qs.compressor)
+            raise
+    else:
+        qm, steps = export.quantize_state(state, hessians, qs), []
+        blob = export.pack(qm, qs.compressor)
+    for line in export.describe(qm):
+        log(line)
+    return blob, steps
+
+
+def ttt_settings(cfg, n_docs: int) -> TTTSettings:
+    return TTTSettings(
+        chunk=cfg.ttt_chunk_size, seq_len=cfg.ttt_eval_seq_len, batch_docs=cfg.ttt_batch_docs,
+        lora_rank=cfg.ttt_lora_rank, lora_alpha=cfg.ttt_lora_alpha,
+        targets=tuple(t for t in cfg.ttt_lora_targets.split(",") if t), lr=cfg.ttt_lora_lr,
+        beta1=cfg.ttt_beta1, beta2=cfg.ttt_beta2, weight_decay=cfg.ttt_weight_decay,
+        phase_ends=phase_ends(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, n_docs),
+        global_lr=cfg.global_ttt_lr, global_momentum=cfg.global_ttt_momentum, global_epochs=cfg.global_ttt_epochs,
+        global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip, seed=cfg.seed)
+
+
+def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device, log) -> dict:
+    """The scored stages after export, on the round-tripped weights: sliding windows, then TTT.
+    Each logs its score (with an _exact twin) and its wall time."""
+    stages = {}
+    seq_len = cfg.eval_seq_len or cfg.train_seq_len
+    if 0 < cfg.eval_stride < seq_len:
+        t0 = time.perf_counter()
+        loss, bpb = validate(seq_len, cfg.eval_stride)
+        secs = time.perf_counter() - t0
+        log(f"final_sliding_window seq_len:{seq_len} stride:{cfg.eval_stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+            f"eval_time:{secs:.1f}s")
+        log(f"final_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+        stages["sliding_window"] = {"val_loss": loss, "val_bpb": bpb, "eval_time_s": secs}
+    if cfg.ttt_enabled:
+        s = ttt_settings(cfg, len(split_documents(val_tokens)))
+        log(f"ttt: chunk:{s.chunk} seq_len:{s.seq_len} batch_docs:{s.batch_docs} lora_rank:{s.lora_rank} "
+            f"targets:{','.join(s.targets)} phase_ends:{list(s.phase_ends)}")
+        r = evaluate_ttt(model, val_tokens, byte_counts, s, device, autocast, log=log)
+        log(f"final_ttt val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f} eval_time:{r['seconds']:.1f}s "
+            f"tokens_per_s:{r['tokens'] / max(r['seconds'], 1e-9):.0f}")
+        log(f"final_ttt_exact val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}")
+        stages["ttt"] = {"val_loss": r["val_loss"], "val_bpb": r["val_bpb"], "eval_time_s": r["seconds"],
+                         "tokens": r["tokens"], "phase_ends": r["phase_ends"]}
+    return stages
 
 
 def phase_summary(loop_began: tuple[float, int] | None, total_ms: float, steps: int, batch_tokens: int) -> dict:

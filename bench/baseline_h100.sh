@@ -17,6 +17,9 @@ mkdir -p "$OUT"
 if [ ! -f "$BENCH/datasets/bench_sp1024/fineweb_train_000000.bin" ]; then
   "$PY" -m data benchmark-set --vocab 1024 --sources "$SOURCES" --out "$BENCH" 2>&1 | tee "$OUT/build_sp1024.log"
 fi
+# The naive baseline = the README's override block (the trainer's defaults are the record stack).
+export $(awk '/<!-- naive-baseline -->/{on=1; next} on && /^```/{n++; if (n == 2) exit; next} on' README.md \
+  | grep -oE '\b[A-Z][A-Z0-9_]*=[^ \\]+' | grep -vE '^(DATA_PATH|TOKENIZER_PATH)=')
 export DATA_PATH="$BENCH/datasets/bench_sp1024" TOKENIZER_PATH="$BENCH/tokenizers/fineweb_1024_bpe.model"
 export LOG_DIR="$OUT" VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 PYTHONUNBUFFERED=1
 case "$MODE" in

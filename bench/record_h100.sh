@@ -22,6 +22,9 @@ if [ ! -f "$BENCH/datasets/bench_sp8192/fineweb_train_000000.bin" ]; then
 fi
 export DATA_PATH="$BENCH/datasets/bench_sp8192" TOKENIZER_PATH="$BENCH/tokenizers/fineweb_8192_bpe.model"
 export LOG_DIR="$OUT" VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=100 PYTHONUNBUFFERED=1 SEED GPTQ_RESERVE_SECONDS=0
+# Training numbers only, unless STAGES=1: the sliding-window and TTT stages need their own call
+# (bench/quant_eval_h100.sh runs them on the checkpoint this leaves in OUT).
+if [ "${STAGES:-0}" != 1 ]; then export EVAL_STRIDE=0 TTT_ENABLED=0; fi
 set -o pipefail
 run() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py 2>&1 | tee "$OUT/$RUN_ID.console"; }
 case "$MODE" in

@@ -1,4 +1,4 @@
-"""Command line: `python -m data {download,build,decode,benchmark-set,sample} ...`.
+"""Command line: `python -m data {download,build,tokenizer,decode,benchmark-set,sample} ...`.
 
 Imports happen inside the commands so that `download` on an offline machine fails fast.
 """
@@ -28,7 +28,14 @@ def cmd_build(a) -> None:
           val_file=a.val, seed=None if a.no_shuffle else a.seed, shard_tokens=a.shard_tokens,
           byte_sidecar=a.byte_sidecar, bin_tokenizer=a.bin_tokenizer, workers=a.workers,
           max_sentences=a.tokenizer_sentences, dataset_name=a.name, overwrite=a.overwrite,
-          **({"reference": a.reference_tokenizer} if a.reference_tokenizer else {}))
+          caseops=a.caseops, **({"reference": a.reference_tokenizer} if a.reference_tokenizer else {}))
+
+
+def cmd_tokenizer(a) -> None:
+    from .build import train_tokenizer_file
+    train_tokenizer_file(a.inputs, a.out, vocab_size=a.vocab_size, caseops=a.caseops,
+                         bin_tokenizer=a.bin_tokenizer, max_sentences=a.tokenizer_sentences, seed=a.seed,
+                         overwrite=a.overwrite)
 
 
 def cmd_decode(a) -> None:
@@ -40,7 +47,8 @@ def cmd_decode(a) -> None:
 
 def cmd_benchmark(a) -> None:
     from .benchmark import build_benchmark
-    build_benchmark(a.vocab, a.sources, a.out, workers=a.workers, overwrite=a.overwrite)
+    build_benchmark(a.vocab, a.sources, a.out, workers=a.workers, overwrite=a.overwrite, caseops=a.caseops,
+                    tokenizer=a.tokenizer)
 
 
 def cmd_sample(a) -> None:
@@ -53,14 +61,18 @@ def cmd_sample(a) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Challenge data: download the official shards, build shards from documents, decode "
-                    "them, build the GPU benchmark set, recreate the embedded sample.",
+        description="Challenge data: download the official shards, build shards from documents (plain or "
+                    "CaseOps), train tokenizers, decode shards, build the GPU benchmark set, recreate the "
+                    "embedded sample.",
         epilog="examples:\n"
                "  python -m data download sp1024 --train-shards 10\n"
                "  python -m data build docs.jsonl.xz --vocab-size 4096 --val-docs 50000 --out .\n"
+               "  python -m data build docs.jsonl.xz --caseops --vocab-size 8192 --val-docs 50000 --out .\n"
+               "  python -m data tokenizer docs.jsonl.xz --caseops --vocab-size 8192 --out .\n"
                "  python -m data decode datasets/fineweb10B_sp1024/fineweb_val_000000.bin "
                "--tokenizer tokenizers/fineweb_1024_bpe.model --out val.jsonl\n"
                "  python -m data benchmark-set --vocab 8192 --sources .carry/shared_data\n"
+               "  python -m data benchmark-set --vocab 8192 --caseops\n"
                "  python -m data sample")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -92,9 +104,27 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--reference-tokenizer", help="model whose trainer settings are copied (default: official SP1024)")
     b.add_argument("--name", help="dataset folder name (default fineweb10B_sp<V>)")
     b.add_argument("--overwrite", action="store_true", help="replace existing shards / tokenizer")
+    b.add_argument("--caseops", action="store_true",
+                   help="encode the CaseOps form of the text (data/caseops.py) with a CaseOps tokenizer; names "
+                        "get _caseops (fineweb10B_sp<V>_caseops, fineweb_<V>_caseops.model); val always gets "
+                        "its byte sidecar")
     b.set_defaults(func=cmd_build)
 
-    c = sub.add_parser("decode", help="shards + tokenizer -> .jsonl of {\"text\": ...} documents")
+    k = sub.add_parser("tokenizer", help="train a tokenizer (official settings) on documents")
+    k.add_argument("inputs", nargs="+", help=".jsonl / .jsonl.xz files of {\"text\": ...} lines, or .bin shards")
+    k.add_argument("--vocab-size", type=int, required=True)
+    k.add_argument("--caseops", action="store_true",
+                   help="train on the CaseOps form with its control symbols reserved -> fineweb_<V>_caseops.model")
+    k.add_argument("--out", default=".", help="folder that gets tokenizers/ (default: .)")
+    k.add_argument("--bin-tokenizer", help="tokenizer that decodes .bin inputs")
+    k.add_argument("--tokenizer-sentences", type=_count, default=1_000_000,
+                   help="lines sampled to train the tokenizer (default 1e6)")
+    k.add_argument("--seed", type=int, help="fix the trainer's line sampling")
+    k.add_argument("--overwrite", action="store_true", help="replace a different tokenizer file")
+    k.set_defaults(func=cmd_tokenizer)
+
+    c = sub.add_parser("decode", help="shards + tokenizer -> .jsonl of {\"text\": ...} documents "
+                                      "(original text for CaseOps shards)")
     c.add_argument("shards", nargs="+", help="shard files, in stream order")
     c.add_argument("--tokenizer", required=True, help="the SentencePiece .model that wrote them")
     c.add_argument("--out", required=True, help="output .jsonl (or .jsonl.xz / .jsonl.gz)")
@@ -106,6 +136,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=".", help="gets datasets/bench_sp<V>/ and tokenizers/ (default: .)")
     m.add_argument("--workers", type=int, help="encoding processes (default: all cores)")
     m.add_argument("--overwrite", action="store_true", help="replace a different tokenizer file in <out>/tokenizers/")
+    m.add_argument("--caseops", action="store_true",
+                   help="CaseOps variant -> datasets/bench_sp<V>_caseops/ (val with byte sidecar)")
+    m.add_argument("--tokenizer", help="CaseOps tokenizer to use (default: <out>/tokenizers/fineweb_<V>_caseops.model "
+                                       "if present, else one is trained on the benchmark train documents)")
     m.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("sample", help="recreate the embedded sample in data/sample/")

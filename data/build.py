@@ -3,6 +3,10 @@
 Inputs are read in the order given; the val split is taken before shuffling (the first `val_docs`
 documents, as the official export takes the first 50,000), then the train documents are shuffled
 with `seed`. Every document becomes BOS + its tokens.
+
+With `caseops` the documents are encoded in their CaseOps form (data/caseops.py) by a tokenizer that
+reserves the case control symbols, names get a `_caseops` suffix, and the val split always gets its
+byte sidecar (bytes of the original text per token), since the pieces no longer spell the text.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 from . import tokenizer as tok
 from .bytecount import piece_tables, token_bytes
 from .docs import read_documents
-from .encode import encode_documents
+from .encode import encode_documents, encode_documents_caseops
 from .writer import ShardWriter
 
 DEFAULT_SEED = 1337
@@ -27,6 +31,7 @@ class Split:
     tokens: int = 0
     paths: list[Path] = field(default_factory=list)
     sidecars: list[Path] = field(default_factory=list)
+    changed: int = 0  # CaseOps: documents whose decoded text differs from the normalized input
 
 
 @dataclass
@@ -73,17 +78,43 @@ def save_tokenizer(model: bytes, path: Path, overwrite: bool) -> None:
     os.replace(tmp, path)
 
 
+def tokenizer_filename(vocab: int, caseops: bool = False) -> str:
+    return f"fineweb_{vocab}_caseops.model" if caseops else f"fineweb_{vocab}_bpe.model"
+
+
+def dataset_name_for(vocab: int, caseops: bool = False) -> str:
+    return f"fineweb10B_sp{vocab}_caseops" if caseops else f"fineweb10B_sp{vocab}"
+
+
+def check_tokenizer_kind(model: bytes, caseops: bool, name: str = "tokenizer") -> None:
+    """A CaseOps tokenizer only with --caseops and the other way round (a mix silently wastes tokens)."""
+    if tok.is_caseops_model(model) == caseops:
+        return
+    if caseops:
+        raise ValueError(f"{name} is not a CaseOps tokenizer (no user-defined case control pieces); "
+                         "give one made with --caseops")
+    raise ValueError(f"{name} is a CaseOps tokenizer; pass --caseops to encode CaseOps text with it")
+
+
 def write_split(docs: list[str], model: bytes, directory: Path, split: str, *, shard_tokens: int,
-                sidecar: bool, workers: int | None) -> Split:
+                sidecar: bool, workers: int | None, caseops: bool = False) -> Split:
     """Encodes `docs` into fineweb_<split>_%06d.bin (+ fineweb_<split>_bytes_%06d.bin)."""
     writer = ShardWriter(directory, f"fineweb_{split}_%06d.bin", shard_tokens)
     side = ShardWriter(directory, f"fineweb_{split}_bytes_%06d.bin", shard_tokens) if sidecar else None
-    tables = piece_tables(tok.load(model)) if sidecar else None
-    for arr in encode_documents(docs, model, workers=workers, desc=f"encode {split}"):
-        writer.add(arr)
-        if side is not None:
-            side.add(token_bytes(arr, tables))  # each chunk starts at a BOS
-    return Split(len(docs), writer.total, writer.close(), side.close() if side else [])
+    changed = 0
+    if caseops:
+        for arr, counts, n in encode_documents_caseops(docs, model, workers=workers, desc=f"encode {split}"):
+            writer.add(arr)
+            changed += n
+            if side is not None:
+                side.add(counts)
+    else:
+        tables = piece_tables(tok.load(model)) if sidecar else None
+        for arr in encode_documents(docs, model, workers=workers, desc=f"encode {split}"):
+            writer.add(arr)
+            if side is not None:
+                side.add(token_bytes(arr, tables))  # each chunk starts at a BOS
+    return Split(len(docs), writer.total, writer.close(), side.close() if side else [], changed)
 
 
 def build(inputs, out, *, vocab_size: int | None = None, tokenizer: str | None = None,
@@ -91,9 +122,10 @@ def build(inputs, out, *, vocab_size: int | None = None, tokenizer: str | None =
           shard_tokens: int = 10**8, byte_sidecar: bool = False, bin_tokenizer: str | None = None,
           workers: int | None = None, max_sentences: int = 1_000_000,
           reference: str | os.PathLike = tok.REFERENCE_MODEL, dataset_name: str | None = None,
-          overwrite: bool = False, log=print) -> BuildResult:
-    """Builds shards under `<out>/datasets/<dataset_name or fineweb10B_sp<V>>/`; `seed=None` keeps
-    the input order."""
+          overwrite: bool = False, caseops: bool = False, tokenizer_seed: int | None = None,
+          log=print) -> BuildResult:
+    """Builds shards under `<out>/datasets/<dataset_name or fineweb10B_sp<V>[_caseops]>/`; `seed=None`
+    keeps the input order; `tokenizer_seed` fixes the tokenizer trainer's sampling."""
     if (vocab_size is None) == (tokenizer is None):
         raise ValueError("give exactly one of --vocab-size (train a tokenizer) or --tokenizer (reuse one)")
     if val_docs and val_file:
@@ -113,22 +145,47 @@ def build(inputs, out, *, vocab_size: int | None = None, tokenizer: str | None =
     if tokenizer:
         tok.read_model(tokenizer)
         model = Path(tokenizer).read_bytes()
+        check_tokenizer_kind(model, caseops, str(tokenizer))
     else:
-        log(f"training a {vocab_size}-piece BPE tokenizer on {len(train):,} documents")
-        model = tok.train_tokenizer(train, vocab_size, max_sentences=max_sentences, reference=reference)
+        log(f"training a {vocab_size}-piece BPE {'CaseOps ' if caseops else ''}tokenizer on "
+            f"{len(train):,} documents")
+        model = tok.train_tokenizer(train, vocab_size, max_sentences=max_sentences, reference=reference,
+                                    caseops=caseops, seed=tokenizer_seed)
     vocab = tok.load(model).get_piece_size()
     out = Path(out)
-    directory = out / "datasets" / (dataset_name or f"fineweb10B_sp{vocab}")
-    tokenizer_path = out / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    directory = out / "datasets" / (dataset_name or dataset_name_for(vocab, caseops))
+    tokenizer_path = out / "tokenizers" / tokenizer_filename(vocab, caseops)
     prepare_dataset_dir(directory, overwrite)
     save_tokenizer(model, tokenizer_path, overwrite)
 
-    kw = dict(shard_tokens=shard_tokens, workers=workers)
+    kw = dict(shard_tokens=shard_tokens, workers=workers, caseops=caseops)
     train_split = write_split(train, model, directory, "train", sidecar=False, **kw)
-    val_split = write_split(val, model, directory, "val", sidecar=byte_sidecar, **kw) if val else Split()
+    # CaseOps pieces do not spell the original text: bpb needs the val sidecar.
+    val_split = (write_split(val, model, directory, "val", sidecar=byte_sidecar or caseops, **kw)
+                 if val else Split())
+    changed = train_split.changed + val_split.changed
+    if changed:
+        log(f"caseops: {changed:,} document(s) decode to other text than their normalized input "
+            "(their sidecar counts the decoded text)")
     log(f"train: {train_split.documents:,} documents, {train_split.tokens:,} tokens, "
         f"{len(train_split.paths)} shard(s); val: {val_split.documents:,} documents, "
         f"{val_split.tokens:,} tokens, {len(val_split.paths)} shard(s)"
         + (f" + {len(val_split.sidecars)} byte sidecar(s)" if val_split.sidecars else ""))
     log(f"wrote {directory} and {tokenizer_path}")
     return BuildResult(directory, tokenizer_path, vocab, train_split, val_split)
+
+
+def train_tokenizer_file(inputs, out, *, vocab_size: int, caseops: bool = False,
+                         bin_tokenizer: str | None = None, max_sentences: int = 1_000_000,
+                         seed: int | None = None, reference: str | os.PathLike = tok.REFERENCE_MODEL,
+                         overwrite: bool = False, log=print) -> Path:
+    """Trains a tokenizer on the documents of `inputs` (the `tokenizer` command) and saves it as
+    `<out>/tokenizers/fineweb_<V>_bpe.model` (or `fineweb_<V>_caseops.model`)."""
+    docs = read_inputs(inputs, tok.load(bin_tokenizer) if bin_tokenizer else None)
+    log(f"training a {vocab_size}-piece BPE {'CaseOps ' if caseops else ''}tokenizer on {len(docs):,} documents")
+    model = tok.train_tokenizer(docs, vocab_size, max_sentences=max_sentences, reference=reference,
+                                caseops=caseops, seed=seed)
+    path = Path(out) / "tokenizers" / tokenizer_filename(tok.load(model).get_piece_size(), caseops)
+    save_tokenizer(model, path, overwrite)
+    log(f"wrote {path}")
+    return path

@@ -44,9 +44,19 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[str]:
 
 
 def decode_tokens(tokens: np.ndarray, sp, batch_tokens: int = 1 << 20) -> list[str]:
-    """Decodes a token stream per document (split at BOS; the BOS itself carries no text).
+    """Decodes a token stream per document (split at BOS; the BOS itself carries no text). With a
+    CaseOps tokenizer the documents' original text comes back (caseops.decode of the pieces' text).
 
     Works in batches: a whole 1e8-token shard as Python int lists would take gigabytes."""
+    from .tokenizer import is_caseops_processor
+    texts = _decode_tokens(tokens, sp, batch_tokens)
+    if is_caseops_processor(sp):
+        from . import caseops
+        texts = [caseops.decode(t) for t in texts]
+    return texts
+
+
+def _decode_tokens(tokens: np.ndarray, sp, batch_tokens: int) -> list[str]:
     tokens = np.asarray(tokens)
     docs = split_documents(tokens) if tokens.size else []
     texts: list[str] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -67,15 +68,64 @@ def sentences(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
+def normalized_text(sp, text: str) -> str:
+    """`text` as the tokenizer `sp` decodes it back: its normalizer applied (nmt_nfkc, whitespace runs
+    collapsed, ends stripped), "▁" read as a space."""
+    return sp.normalize(text).replace("\u2581", " ")
+
+
+def caseops_lines(texts: Iterable[str], reference: str | os.PathLike = REFERENCE_MODEL) -> Iterator[str]:
+    """Training lines for a CaseOps tokenizer: each line of each document normalized first (as the
+    shards' documents are, so the case markers never sit inside a whitespace run the normalizer would
+    collapse), then case-encoded (data/caseops.py). Split before normalizing, which turns newlines
+    into spaces, so long documents still give lines under the trainer's length limit."""
+    from . import caseops
+    sp = load(reference)
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield caseops.encode(normalized_text(sp, line))
+
+
+def is_caseops_model(model: str | os.PathLike | bytes) -> bool:
+    """Whether a tokenizer reserves the CaseOps control symbols as user-defined pieces."""
+    from . import caseops
+    proto = model_pb2.ModelProto.FromString(model) if isinstance(model, bytes) else read_model(model)
+    user = {p.piece for p in proto.pieces if p.type == model_pb2.ModelProto.SentencePiece.USER_DEFINED}
+    return all(c in user for c in caseops.CONTROLS)
+
+
+def is_caseops_processor(sp) -> bool:
+    """Whether a loaded tokenizer has the CaseOps control symbols as pieces of their own."""
+    from . import caseops
+    return all(sp.id_to_piece(sp.piece_to_id(c)) == c for c in caseops.CONTROLS)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_sentences: int = 1_000_000,
-                    reference: str | os.PathLike = REFERENCE_MODEL) -> bytes:
-    """Trains a BPE tokenizer with the official settings; returns the serialized model."""
+                    reference: str | os.PathLike = REFERENCE_MODEL, caseops: bool = False,
+                    seed: int | None = None) -> bytes:
+    """Trains a BPE tokenizer with the official settings; returns the serialized model.
+
+    `caseops`: train on the CaseOps form of the documents (`caseops_lines`) with the four control
+    symbols reserved as user-defined pieces (ids 4-7, always single tokens). `seed`: sample the
+    `max_sentences` lines here with this seed, so the same documents give the same tokenizer
+    (SentencePiece's own sampling differs from process to process even with its seed set)."""
     settings = official_settings(reference)
+    if caseops:
+        from . import caseops as ops
+        texts = caseops_lines(texts, reference)
+        settings["user_defined_symbols"] = ",".join(ops.CONTROLS)
+    lines: Iterable[str] = sentences(texts)
+    sample = dict(input_sentence_size=max_sentences, shuffle_input_sentence=True)
+    if seed is not None:
+        lines = list(lines)
+        if len(lines) > max_sentences:
+            lines = random.Random(seed).sample(lines, max_sentences)
+        sample = dict(input_sentence_size=0, shuffle_input_sentence=False)  # 0: all of them
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(texts), model_writer=buf, vocab_size=vocab_size,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1, minloglevel=2, **settings,
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+        num_threads=os.cpu_count() or 1, minloglevel=2, **sample, **settings,
     )
     proto = model_pb2.ModelProto.FromString(buf.getvalue())
     # The built-in nmt_nfkc table follows the library's Unicode version (this one differs from the

@@ -67,6 +67,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_(t, "max").item())
 
 
+def broadcast_bytes(data: bytes, device: torch.device) -> bytes:
+    """Rank 0's `data` on every rank (others pass anything); a no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return data
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, 0)
+    return buf.cpu().numpy().tobytes()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

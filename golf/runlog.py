@@ -16,12 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from quant.pack import packed_script
+
+_PACKED = packed_script()  # a packed trainer (quant/pack.py) carries the project's modules inside itself
+REPO_ROOT = Path(_PACKED).parent if _PACKED else Path(__file__).resolve().parents[1]
 _LIBRARIES = ("torch", "triton", "numpy", "sentencepiece", "brotli", "huggingface-hub")
 
 
 def project_sources(main_file: str | Path) -> list[Path]:
-    """The trainer file, then every imported module that lives inside the repository."""
+    """The trainer file, then every imported module that lives inside the repository; for a packed
+    trainer, the packed file alone (its own bytes are the code that runs, and what the artifact counts)."""
+    if _PACKED:
+        return [Path(_PACKED)]
     main_file = Path(main_file).resolve()
     found = {main_file}
     for module in list(sys.modules.values()):

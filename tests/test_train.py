@@ -17,17 +17,17 @@ def test_tiny_model_learns_and_logs(tmp_path):
     first, last = s["val_history"][0], s["val_history"][-1]
     assert first["step"] == 0 and last["step"] == 60
     assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
-    q = s["stages"]["int8_zlib_roundtrip"]
-    assert abs(q["val_bpb"] - last["val_bpb"]) < 0.05  # int8 round trip costs little
+    q = s["stages"]["quant_roundtrip"]
+    assert abs(q["val_bpb"] - last["val_bpb"]) < 0.05  # the quantized round trip costs little
     log = (tmp_path / "t.txt").read_text()
     assert log.startswith("==== source: train_gpt.py")
-    for module in ("golf/config.py", "golf/dist.py", "golf/bpb.py", "data/shards.py", "quant/int8.py"):
+    for module in ("golf/config.py", "golf/dist.py", "golf/bpb.py", "data/shards.py", "quant/export.py"):
         assert f"==== source: {module}" in log
     for pattern in (r"^git_commit:", r"^versions: .*torch=", r"^NUM_LAYERS=2 \(env\)$",
                     r"^step:60/60 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
                     r"^step:1/60 train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
                     r"^peak memory", r"^Serialized model", r"^Code size", r"^Total submission size",
-                    r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$"):
+                    r"^final_quant_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$"):
         assert re.search(pattern, log, re.M), pattern
     assert s["model_params"] > 0 and s["bytes"]["total"] == s["bytes"]["code"] + s["bytes"]["model"]
 
@@ -97,3 +97,14 @@ def test_byte_sidecar_is_used_and_agrees_with_tokenizer_bytes(tmp_path):
     assert "val_bytes: byte sidecar" in (tmp_path / "side" / "t.txt").read_text()
     assert summary(tmp_path / "side")["stages"]["prequant"]["val_bpb"] == pytest.approx(
         summary(tmp_path / "lut")["stages"]["prequant"]["val_bpb"], rel=1e-12)
+
+
+def test_caseops_tokenizer_without_byte_sidecar_is_refused(tmp_path):
+    import shutil
+
+    from tests.trainer_runs import SAMPLE
+
+    tok = tmp_path / "fineweb_1024_caseops.model"
+    shutil.copy(SAMPLE / "tokenizers" / "fineweb_1024_bpe.model", tok)
+    out = run_trainer(tmp_path, check=False, ITERATIONS="1", TOKENIZER_PATH=str(tok))
+    assert out.returncode != 0 and "needs the val byte sidecar" in out.stderr

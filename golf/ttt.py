@@ -1,0 +1,335 @@
+"""Score-first test-time training (SPEC.md sections 5-6): LoRA per document, and phased global SGD.
+
+Legality by construction: a chunk of a document is scored (its losses enter the meter) before any
+optimizer step uses it, adapters start fresh for every batch of documents, and the global SGD pass
+only ever trains on documents that are already scored. Each document is its own row: its context is
+its own prefix (up to `seq_len` tokens), never another document.
+
+Documents. Document i covers inputs tokens[start_i:end_i] and targets tokens[start_i+1:end_i+1], with
+end_i the next BOS (whose prediction ends document i) or the end of the stream, so the documents'
+targets are exactly the stream's targets, each once: TTT scores the same tokens as plain evaluation.
+
+Order. Documents are sorted by length, longest first (stable by position), cut into batches of
+`batch_docs`; ranks take batches from a shared counter, so the order depends on lengths only, never
+on the text. Phase boundaries (document counts) split the order; after each phase every rank joins a
+global SGD pass over all documents scored so far, which updates the base model for the next phase.
+
+Adapters. Batched LoRA (one adapter per document of the batch, A [B, in, r] random, B [B, r, out]
+zero) on chosen projections, added by forward hooks, so the forward is the model's own forward: at
+zero adapters the TTT logits equal the plain logits bit for bit. Adam is elementwise and the loss is a
+sum of per-document means, so documents of one batch never influence each other.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from golf.bpb import BpbMeter
+from golf.dist import all_reduce_
+from golf.evaluate import rank_range
+
+BOS_ID = 1
+# LoRA target name -> attribute path inside a block; "head" is the tied LM head (GPT.logits' head_delta)
+BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
+TARGETS = tuple(BLOCK_TARGETS) + ("head",)
+_CALLS = 0
+
+
+@dataclass(frozen=True)
+class TTTSettings:
+    chunk: int = 48
+    seq_len: int = 2048
+    batch_docs: int = 64
+    lora_rank: int = 96
+    lora_alpha: float = 96.0
+    targets: tuple[str, ...] = ("k", "o", "fc", "proj", "head")
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 0.5
+    phase_ends: tuple[int, ...] = ()  # cumulative document counts after which a global pass runs
+    global_lr: float = 1e-3
+    global_momentum: float = 0.9
+    global_epochs: int = 1
+    global_batch_seqs: int = 32
+    global_grad_clip: float = 1.0
+    pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"TTT_LORA_TARGETS: unknown {unknown}; choose from {','.join(TARGETS)}")
+        if self.chunk <= 0 or self.seq_len < self.chunk:
+            raise ValueError(f"TTT_CHUNK_SIZE={self.chunk} must be in 1..TTT_EVAL_SEQ_LEN={self.seq_len}")
+        if list(self.phase_ends) != sorted(set(self.phase_ends)) or any(p <= 0 for p in self.phase_ends):
+            raise ValueError(f"phase boundaries {self.phase_ends} must be increasing positive document counts")
+
+
+def phase_ends(prefix: float, phases: int, n_docs: int) -> tuple[int, ...]:
+    """Document counts after which the global passes run: `phases` even steps up to `prefix`
+    documents (a count >= 1, or a fraction of the val set's documents below 1), e.g. 2500 over 3
+    phases gives 833, 1666, 2500. Counts are capped at the number of documents."""
+    if phases <= 0 or prefix <= 0:
+        return ()
+    total = prefix * n_docs if prefix < 1 else prefix
+    ends = sorted({min(n_docs, max(1, int(total * k / phases))) for k in range(1, phases + 1)})
+    return tuple(ends)
+
+
+def split_documents(tokens: np.ndarray) -> np.ndarray:
+    """[n, 2] (start, end) per document: inputs tokens[start:end], targets tokens[start+1:end+1]."""
+    n = len(tokens)
+    starts = np.flatnonzero(np.asarray(tokens[: n - 1]) == BOS_ID)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    ends = np.append(starts[1:], n - 1)
+    return np.stack((starts, ends), axis=1).astype(np.int64)
+
+
+def plan(docs: np.ndarray, s: TTTSettings) -> list[list[np.ndarray]]:
+    """Phases, each a list of batches of document indices, in scoring order (lengths only)."""
+    lengths = docs[:, 1] - docs[:, 0]
+    order = np.lexsort((np.arange(len(docs)), -lengths))
+    phases, lo = [], 0
+    for hi in [e for e in s.phase_ends if e < len(docs)] + [len(docs)]:
+        part = order[lo:hi]
+        phases.append([part[i : i + s.batch_docs] for i in range(0, len(part), s.batch_docs)])
+        lo = hi
+    return phases
+
+
+class BatchedLoRA(nn.Module):
+    """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per row of the batch."""
+
+    def __init__(self, batch: int, d_in: int, d_out: int, rank: int, alpha: float, device):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(batch, d_in, rank, device=device))
+        self.B = nn.Parameter(torch.empty(batch, rank, d_out, device=device))
+        self.scale = alpha / rank
+        self.active = True  # off during the global pass, which trains the base model alone
+        self.rows: torch.Tensor | None = None  # the batch rows still scoring (finished documents drop out)
+
+    def reset(self, generator: torch.Generator) -> None:
+        bound = 1 / math.sqrt(self.A.shape[1])
+        with torch.no_grad():
+            self.A.copy_(torch.rand(self.A.shape, generator=generator) * 2 * bound - bound)
+            self.B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
+        return (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
+
+
+class Adapters:
+    """LoRA adapters hooked into a GPT's projections for batches of `batch` documents."""
+
+    def __init__(self, model: nn.Module, s: TTTSettings, batch: int, device):
+        self.s, self.loras, self.hooks, self.head = s, [], [], None
+        for block in model.blocks:
+            for t in s.targets:
+                if t == "head":
+                    continue
+                module = block.get_submodule(BLOCK_TARGETS[t])
+                lora = BatchedLoRA(batch, module.in_features, module.out_features, s.lora_rank, s.lora_alpha, device)
+                self.hooks.append(module.register_forward_hook(_add_delta(lora)))
+                self.loras.append(lora)
+        if "head" in s.targets:
+            V, D = model.tok_emb.weight.shape
+            self.head = BatchedLoRA(batch, D, V, s.lora_rank, s.lora_alpha, device)
+            self.loras.append(self.head)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for lora in self.loras for p in lora.parameters()]
+
+    def reset(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for lora in self.loras:
+            lora.reset(g)
+
+    def select(self, rows: torch.Tensor | None) -> None:
+        for lora in self.loras:
+            lora.rows = rows
+
+    def enable(self, on: bool) -> None:
+        for lora in self.loras:
+            lora.active = on
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _add_delta(lora: BatchedLoRA):
+    def hook(module, args, out):
+        return out + lora(args[0]) if lora.active else out
+    return hook
+
+
+def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, first: int = 0) -> torch.Tensor:
+    """Per-token nats of positions first.. of each row (the LM head runs on those positions only)."""
+    with autocast:
+        h = model.hidden(x)[:, first:]
+        logits = model.head(h, head_delta=head_delta)
+    y = y[:, first:]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def _rows(tokens: np.ndarray, docs: np.ndarray, lo: int, hi: int, width: int):
+    """Inputs/targets [B, width] of positions lo..hi (doc-relative, hi exclusive) of each document,
+    zero-padded; `valid` marks positions inside the document."""
+    pos = lo + np.arange(width)[None, :]
+    n = (docs[:, 1] - docs[:, 0])[:, None]
+    valid = (pos < n) & (pos < hi)
+    idx = np.where(valid, docs[:, :1] + pos, 0)
+    x = np.where(valid, tokens[idx], 0).astype(np.int64)
+    y = np.where(valid, tokens[idx + 1], 0).astype(np.int64)
+    return x, y, valid, idx
+
+
+class _Counter:
+    """Next batch index of a phase, shared by all ranks (dynamic spreading), or local."""
+
+    def __init__(self, key: str):
+        self.key, self.next = key, 0
+        dist = torch.distributed
+        self.store = dist.distributed_c10d._get_default_store() if dist.is_available() and dist.is_initialized() else None
+
+    def take(self) -> int:
+        if self.store is None:
+            self.next += 1
+            return self.next - 1
+        return self.store.add(self.key, 1) - 1
+
+
+def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
+                device, autocast, token_nats=None) -> int:
+    """Scores a batch of documents chunk by chunk; after each chunk (but the last) the adapters take
+    one step on the chunk just scored. Returns the number of scored tokens."""
+    n_max = int((docs[:, 1] - docs[:, 0]).max())
+    opt = None
+    if adapters is not None:
+        opt = torch.optim.AdamW(adapters.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+    scored_tokens = 0
+    n_chunks = -(-n_max // s.chunk)
+    for c in range(n_chunks):
+        lo, hi = c * s.chunk, min((c + 1) * s.chunk, n_max)
+        w0 = max(0, hi - s.seq_len)
+        width = min(s.seq_len, -(-(hi - w0) // s.pad_multiple) * s.pad_multiple)
+        active = np.flatnonzero(docs[:, 1] - docs[:, 0] > lo)  # documents with targets in this chunk
+        if adapters is not None:
+            adapters.select(torch.from_numpy(active).to(device))
+        x, y, valid, idx = _rows(tokens, docs[active], w0, hi, width)
+        first = lo - w0  # the chunk is the window's tail: logits for its positions only
+        scored, idx = valid[:, first:], idx[:, first:]
+        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        mask = torch.from_numpy(scored).to(device)
+        train = adapters is not None and c < n_chunks - 1
+        with torch.set_grad_enabled(train):
+            nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast, first)
+        meter.update(nats.detach()[mask], torch.from_numpy(byte_counts[idx[scored] + 1]).to(device))
+        scored_tokens += int(scored.sum())
+        if token_nats is not None:
+            token_nats[idx[scored]] = nats.detach()[mask].double().cpu().numpy()
+        if train:
+            per_doc = (nats * mask).sum(1) / mask.sum(1).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            per_doc.sum().backward()
+            opt.step()
+    return scored_tokens
+
+
+def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
+    """SGD over the given (already scored) documents, each cut into pieces of up to seq_len targets;
+    the global batch is split over ranks and gradients are summed, so every rank keeps the same model."""
+    pieces = [(a, min(a + s.seq_len, e)) for a, e in docs.tolist() for a in range(a, e, s.seq_len)]
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    opt = torch.optim.SGD(params, lr=s.global_lr, momentum=s.global_momentum)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for p in params:
+        p.requires_grad_(True)
+    for _ in range(s.global_epochs):
+        for b0 in range(0, len(pieces), s.global_batch_seqs):
+            batch = pieces[b0 : b0 + s.global_batch_seqs]
+            mine = np.array(batch[slice(*rank_range(len(batch), rank, world))], dtype=np.int64).reshape(-1, 2)
+            opt.zero_grad(set_to_none=False)
+            count = torch.zeros((), device=device, dtype=torch.float64)
+            if len(mine):
+                x, y, valid, _ = _rows(tokens, mine, 0, s.seq_len, int((mine[:, 1] - mine[:, 0]).max()))
+                mask = torch.from_numpy(valid).to(device)
+                nats = _nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), None, autocast)
+                (nats * mask).sum().backward()
+                count += mask.sum()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                all_reduce_(p.grad)
+            all_reduce_(count)
+            for p in params:
+                p.grad.div_(count.clamp_min(1).to(p.grad.dtype))
+            if s.global_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.global_grad_clip)
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+
+
+def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSettings, device,
+                 autocast=None, lora: bool = True, token_nats: np.ndarray | None = None,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Score-first TTT over the whole stream. `lora=False` scores without adapters (phases still run).
+    The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds."""
+    global _CALLS
+    _CALLS += 1
+    call = _CALLS  # store keys unique per call; every rank calls in the same order
+    autocast = autocast or torch.autocast(device_type=device.type, enabled=False)
+    t0 = time.perf_counter()
+    docs = split_documents(tokens)
+    phases = plan(docs, s)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()  # evaluation runs the looped layer order
+    for p, _ in flags:
+        p.requires_grad_(False)
+    meter, scored = BpbMeter(device), 0
+    adapters = Adapters(model, s, s.batch_docs, device) if lora else None
+    try:
+        done = []
+        for k, batches in enumerate(phases):
+            counter = _Counter(f"ttt_{call}_phase_{k}")
+            while (i := counter.take()) < len(batches):
+                if adapters is not None:  # a phase's last batch may be short: it uses the first rows
+                    adapters.reset(s.seed * 1_000_003 + k * 65_537 + i)
+                scored += score_batch(model, adapters, tokens, docs[batches[i]], byte_counts, s, meter, device,
+                                      autocast, token_nats)
+            done.extend(b for batch in batches for b in batch)
+            if k < len(phases) - 1:
+                if adapters is not None:
+                    adapters.enable(False)
+                global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
+                if adapters is not None:
+                    adapters.enable(True)
+                if log:
+                    log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
+                        f"elapsed:{time.perf_counter() - t0:.1f}s")
+    finally:
+        if adapters is not None:
+            adapters.remove()
+        model.load_state_dict(saved)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    meter.all_reduce()
+    loss, bpb = meter.result()
+    return {"val_loss": loss, "val_bpb": bpb, "tokens": meter.tokens, "seconds": time.perf_counter() - t0,
+            "docs": len(docs), "phase_ends": list(s.phase_ends)}

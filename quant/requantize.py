@@ -1,0 +1,127 @@
+"""Re-quantize a trained checkpoint without retraining, so quantization ablations share one model.
+
+    python -m quant requantize logs/RUN_model.pre.bin [--out OUT.bin] [--score] [--stages]
+
+Reads the pre-quantization weights a training run saved (`<RUN_ID>_model.pre.bin`, pickle-free, with
+the run's settings in its meta) and, when present, its calibration Hessians (`<RUN_ID>_hessians.bin`).
+Quantization and evaluation knobs come from the environment exactly as for the trainer
+(QUANT_METHOD, MATRIX_BITS, EMBED_BITS, *_CLIP_SIGMAS, LQER_*, COMPRESSOR, FIT_BUDGET, EVAL_*, TTT_*,
+DATA_PATH, TOKENIZER_PATH); the model's shape comes from the checkpoint. Prints the size lines and,
+with --score, the pre-quantization and round-trip val_bpb (--stages adds the sliding-window and TTT
+stages); a JSON summary goes next to --out (or the checkpoint).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# The trainer's knobs that describe the model; everything else may differ from the training run.
+MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LEAKY_SLOPE",
+               "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LN_SCALE", "LOGIT_SOFTCAP", "NUM_LOOPS", "LOOP_START",
+               "LOOP_END", "PARALLEL_START_LAYER", "PARALLEL_FINAL_LANE", "SKIP_GATES_ENABLED", "XSA_LAST_N",
+               "SPARSE_ATTN_GATE_ENABLED", "GATE_WIDTH", "SPARSE_ATTN_GATE_SCALE", "SMEAR_GATE_ENABLED",
+               "SMEAR_WIDTH", "DOC_ISOLATION", "TRAIN_SEQ_LEN")
+
+
+def load_checkpoint(path: Path):
+    from quant.serialize import deserialize
+
+    if not path.is_file():
+        raise FileNotFoundError(f"requantize: no checkpoint at {path} (expected <RUN_ID>_model.pre.bin)")
+    state, meta = deserialize(path.read_bytes())
+    if "config" not in meta:
+        raise ValueError(f"requantize: {path} has no training config in its meta; is it a *_model.pre.bin file?")
+    hessian_path = path.with_name(path.name.replace("_model.pre.bin", "_hessians.bin"))
+    hessians = deserialize(hessian_path.read_bytes())[0] if hessian_path.is_file() and hessian_path != path else None
+    return state, meta, hessians, hessian_path
+
+
+def run_config(saved: dict, env=None):
+    """The trainer's settings: the checkpoint's model shape, everything else from the environment."""
+    import train_gpt as tg
+    from golf.config import parse_knobs
+
+    cfg = parse_knobs(tg.KNOBS, os.environ if env is None else env)
+    clash = [k for k in MODEL_KNOBS if cfg.sources.get(k) == "env" and saved.get(k) != getattr(cfg, k.lower())]
+    if clash:
+        raise ValueError(f"requantize: {', '.join(clash)} set in the environment but the model shape comes from "
+                         "the checkpoint; unset them")
+    return cfg.replace(**{k.lower(): saved[k] for k in MODEL_KNOBS if k in saved})
+
+
+def requantize(checkpoint: str, out: str | None = None, score: bool = False, stages: bool = False) -> dict:
+    import train_gpt as tg
+    from data.shards import load_stream
+    from golf.bpb import ByteCounter, load_byte_sidecar
+    from golf.evaluate import evaluate_stream, target_bytes
+    from golf.runlog import write_summary
+    from quant import export
+    from quant.artifact import size_log_lines
+    from quant.int8 import unpack_int8
+    from quant.pack import code_bytes as packed_code_bytes
+
+    path = Path(checkpoint)
+    state, meta, hessians, hessian_path = load_checkpoint(path)
+    cfg = run_config(meta["config"])
+    if cfg.quant_method == "gptq" and hessians is None:
+        raise FileNotFoundError(f"requantize: QUANT_METHOD=gptq needs {hessian_path}; set QUANT_METHOD=rtn or int8")
+    print(f"requantize {path} method:{cfg.quant_method} hessians:{'yes' if hessians else 'no'}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = {k: v.to(device) for k, v in state.items()}  # GPTQ runs where the tensors are
+    hessians = {k: v.to(device) for k, v in hessians.items()} if hessians else None
+    code = packed_code_bytes(tg.__file__)
+    t0 = time.perf_counter()
+    blob, fit_steps = tg.quantize_and_pack(cfg, state, hessians, code, print)
+    export_s = time.perf_counter() - t0
+    label = tg.export_label(cfg)
+    for line in size_log_lines(code, len(blob), label):
+        print(line)
+    out_path = Path(out) if out else path.with_name(path.name.replace("_model.pre.bin", f"_model.{cfg.quant_method}.requant.bin"))
+    out_path.write_bytes(blob)
+    result = {"checkpoint": str(path), "method": cfg.quant_method, "label": label, "export_s": export_s,
+              "bytes": {"code": code, "model": len(blob), "total": code + len(blob)}, "fit_steps": fit_steps,
+              "quant_knobs": {k: v for k, v in cfg.as_dict().items() if k in _QUANT_KNOBS}, "stages": {}}
+    print(f"export_time:{export_s:.1f}s wrote {out_path}")
+    if score:
+        model = tg.GPT(cfg).to(device)
+        counter = ByteCounter.from_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
+        data = Path(cfg.data_path)
+        val = load_stream(str(data / "fineweb_val_[0-9]*.bin"))
+        sidecar_glob = str(data / "fineweb_val_bytes_*.bin")
+        sidecar = load_byte_sidecar(sidecar_glob, len(val)) if list(data.glob("fineweb_val_bytes_*.bin")) else None
+        byte_counts = target_bytes(val, counter, sidecar)
+        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def validate(seq_len: int = cfg.train_seq_len, stride: int = 0):
+            model.eval()
+
+            def loss(x, y):
+                with autocast:
+                    return model(x, y, reduction="none")
+            batch = max(1, cfg.val_batch_tokens // seq_len)
+            return evaluate_stream(loss, val, seq_len, batch, byte_counts, device, stride=stride)
+
+        for name, weights in (("prequant", state), ("quant_roundtrip", None)):
+            t0 = time.perf_counter()
+            if weights is None:
+                weights = unpack_int8(blob) if cfg.quant_method == "int8" else export.unpack(blob)
+            model.load_state_dict(weights)
+            loss, bpb = validate()
+            print(f"final_{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{time.perf_counter() - t0:.1f}s")
+            print(f"final_{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+            result["stages"][name] = {"val_loss": loss, "val_bpb": bpb}
+        gap = result["stages"]["quant_roundtrip"]["val_bpb"] - result["stages"]["prequant"]["val_bpb"]
+        print(f"quant_gap val_bpb:{gap:+.5f}")
+        result["quant_gap_bpb"] = gap
+        if stages:
+            result["stages"].update(tg.final_stages(cfg, model, val, byte_counts, validate, autocast, device, print))
+    write_summary(out_path.with_suffix(".json"), result)
+    print(f"summary: {out_path.with_suffix('.json')}")
+    return result
+
+
+_QUANT_KNOBS = ("QUANT_METHOD", "MATRIX_BITS", "EMBED_BITS", "ATTN_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS",
+                "MATRIX_CLIP_SIGMAS", "LQER_ENABLED", "LQER_RANK", "LQER_TOP_K", "COMPRESSOR", "FIT_BUDGET")

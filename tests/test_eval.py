@@ -1,0 +1,241 @@
+"""Evaluation: sliding windows score every target once, and no scoring mode lets a token's score depend
+on tokens after it (SPEC.md section 6) — plain, sliding, LoRA TTT and phased TTT alike."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.shards import BOS_ID, load_stream
+from golf import ttt
+from golf.bpb import ByteCounter
+from golf.evaluate import evaluate_stream, target_bytes, window_plan
+from tests.test_record_stack import SMALL, small_model
+from tests.trainer_runs import SAMPLE
+
+CPU = torch.device("cpu")
+VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def val():
+    """The first ~2,400 tokens of the sample val stream (several whole documents) and their bytes."""
+    tokens = load_stream(str(SAMPLE / "datasets" / "fineweb10B_sp1024" / "fineweb_val_*.bin"))
+    bos = np.flatnonzero(tokens == BOS_ID)
+    tokens = np.array(tokens[: bos[bos > 2400][0] + 1])
+    counter = ByteCounter.from_tokenizer(str(SAMPLE / "tokenizers" / "fineweb_1024_bpe.model"), VOCAB)
+    return tokens, target_bytes(tokens, counter, None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    m = small_model(VOCAB_SIZE=VOCAB, seed=3)
+    with torch.no_grad():  # a quieter model: random 0.2-std weights make the logits saturate
+        for p in m.parameters():
+            p.mul_(0.5)
+    return m.eval()
+
+
+def loss_fn(model):
+    def fn(x, y):
+        return F.cross_entropy(model.logits(x).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return fn
+
+
+def perturb(tokens: np.ndarray, positions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Changes the tokens at `positions` to other non-BOS ids; document boundaries stay where they are."""
+    out = tokens.copy()
+    g = np.random.default_rng(seed)
+    pos = positions[tokens[positions] != BOS_ID]
+    out[pos] = (tokens[pos] - 2 + g.integers(1, VOCAB - 2, len(pos))) % (VOCAB - 2) + 2
+    return out
+
+
+# ----------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("n_targets,seq_len,stride", [(100, 32, 32), (100, 32, 8), (97, 32, 7), (32, 32, 1), (101, 16, 5)])
+def test_sliding_windows_score_every_target_once_with_enough_context(n_targets, seq_len, stride):
+    tokens = np.arange(n_targets + 1) % 50 + 2
+    n_windows, keep_from = window_plan(n_targets, seq_len, stride)
+    context = np.full(n_targets, np.nan)
+    calls = []
+
+    def fn(x, y):  # "loss" = the position inside the window, i.e. the context a target had
+        calls.append(x.shape)
+        return torch.arange(x.shape[1], dtype=torch.float32).expand(x.shape).clone()
+
+    loss, _ = evaluate_stream(fn, tokens, seq_len, 3, np.ones(len(tokens), np.int64), CPU, stride=stride,
+                              token_nats=context)
+    assert not np.isnan(context).any()  # every target scored
+    assert loss == pytest.approx(context.mean())  # and each exactly once (the meter saw n_targets tokens)
+    assert len(set(calls)) == 1 and calls[0][1] == seq_len  # one padded shape
+    tail = context[seq_len:]
+    assert (tail >= seq_len - stride).all()  # every target past the first window sees >= seq_len - stride tokens
+    assert n_windows == 1 + -(-(n_targets - seq_len) // stride) and keep_from == seq_len - stride
+
+
+def test_windows_split_over_ranks_cover_the_stream_once():
+    tokens = np.arange(301) % 50 + 2
+    seen = np.zeros(300)
+    for rank in range(3):
+        nats = np.full(300, np.nan)
+        evaluate_stream(lambda x, y: torch.ones(x.shape), tokens, 32, 2, np.ones(301, np.int64), CPU, rank, 3,
+                        stride=16, token_nats=nats)
+        seen += ~np.isnan(nats)
+    assert (seen == 1).all()
+
+
+def test_bad_stride_is_refused():
+    with pytest.raises(ValueError, match="EVAL_STRIDE"):
+        window_plan(100, 32, 33)
+
+
+# ----------------------------------------------------------------------------- legality
+def stream_scores(model, tokens, bytes_, stride):
+    nats = np.full(len(tokens) - 1, np.nan)
+    evaluate_stream(loss_fn(model), tokens, 64, 8, bytes_, CPU, stride=stride, token_nats=nats)
+    return nats
+
+
+@pytest.mark.parametrize("stride", [64, 16])
+def test_plain_and_sliding_scores_ignore_future_tokens(model, val, stride):
+    tokens, bytes_ = val
+    ref = stream_scores(model, tokens, bytes_, stride)
+    for t in np.random.default_rng(stride).integers(10, len(tokens) - 10, 4):
+        changed = stream_scores(model, perturb(tokens, np.arange(t + 1, len(tokens)), seed=int(t)), bytes_, stride)
+        np.testing.assert_array_equal(changed[:t], ref[:t])  # targets up to token t
+        assert not np.array_equal(changed[t:], ref[t:])  # the perturbation was seen where it may be
+
+
+def small_ttt(**kw) -> ttt.TTTSettings:
+    base = dict(chunk=16, seq_len=48, batch_docs=2, lora_rank=2, lora_alpha=4.0, lr=3e-2, beta1=0.5,
+                weight_decay=0.1, pad_multiple=16, global_lr=3e-2, global_batch_seqs=4)
+    return ttt.TTTSettings(**{**base, **kw})
+
+
+def ttt_scores(model, tokens, bytes_, s, lora=True):
+    nats = np.full(len(tokens) - 1, np.nan)
+    result = ttt.evaluate_ttt(model, tokens, bytes_, s, CPU, lora=lora, token_nats=nats)
+    assert not np.isnan(nats).any()
+    return nats, result
+
+
+def order_keys(tokens, s) -> np.ndarray:
+    """For every target position, (batch number in scoring order, chunk) folded into one sortable key."""
+    docs = ttt.split_documents(tokens)
+    keys = np.zeros(len(tokens) - 1, np.int64)
+    batch_no = 0
+    for phase in ttt.plan(docs, s):
+        for batch in phase:
+            for d in batch:
+                a, e = docs[d]
+                keys[a:e] = batch_no * 1_000_000 + (np.arange(e - a) // s.chunk)
+            batch_no += 1
+    return keys
+
+
+@pytest.mark.parametrize("phases", [(), (2,)], ids=["lora", "phased"])
+def test_ttt_scores_ignore_tokens_scored_later(model, val, phases):
+    tokens, bytes_ = val
+    s = small_ttt(phase_ends=phases)
+    ref, _ = ttt_scores(model, tokens, bytes_, s)
+    keys = order_keys(tokens, s)
+    rng = np.random.default_rng(len(phases))
+    for g in rng.choice(len(keys), 4, replace=False):
+        later = np.flatnonzero(keys > keys[g]) + 1  # tokens that are targets scored after target g
+        changed, _ = ttt_scores(model, perturb(tokens, later, seed=int(g)), bytes_, s)
+        before = keys <= keys[g]
+        np.testing.assert_array_equal(changed[before], ref[before])
+        assert not np.array_equal(changed[~before], ref[~before])
+
+
+def test_ttt_adapts_and_phases_change_later_scores(model, val):
+    tokens, bytes_ = val
+    s = small_ttt()
+    frozen, r0 = ttt_scores(model, tokens, bytes_, s, lora=False)
+    plain = stream_scores(model, tokens, bytes_, 64)
+    adapted, r1 = ttt_scores(model, tokens, bytes_, s)
+    phased, r2 = ttt_scores(model, tokens, bytes_, small_ttt(phase_ends=(2,)))
+    assert r0["tokens"] == r1["tokens"] == len(tokens) - 1  # the same targets as plain evaluation
+    keys = order_keys(tokens, s)
+    first_chunks = keys % 1_000_000 == 0
+    np.testing.assert_array_equal(adapted[first_chunks], frozen[first_chunks])  # nothing learned yet
+    assert not np.allclose(adapted, frozen)
+    assert not np.allclose(phased, adapted)
+    assert np.isfinite(plain).all()
+
+
+def test_ttt_restores_the_model(model, val):
+    tokens, bytes_ = val
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ttt_scores(model, tokens, bytes_, small_ttt(phase_ends=(1, 2)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(p.requires_grad for p in model.parameters()) or all(p.requires_grad for p in model.parameters())
+
+
+ARCH_SWITCHES = [{}, {"NUM_LOOPS": 0}, {"PARALLEL_START_LAYER": -1}, {"XSA_LAST_N": 0},
+                 {"SPARSE_ATTN_GATE_ENABLED": 0}, {"SMEAR_GATE_ENABLED": 0}, {"SKIP_GATES_ENABLED": 0},
+                 {"LN_SCALE": 0}, {"PARALLEL_FINAL_LANE": "attn"}, {"DOC_ISOLATION": 0}]
+
+
+@pytest.mark.parametrize("switch", ARCH_SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "defaults")
+def test_ttt_forward_with_zero_adapters_is_the_model_forward(switch):
+    m = small_model(**switch).eval()
+    idx = torch.randint(2, 64, (3, 40), generator=torch.Generator().manual_seed(1))
+    idx[:, 0] = BOS_ID
+    idx[1, 20] = BOS_ID
+    s = ttt.TTTSettings(chunk=8, seq_len=40, lora_rank=4, targets=ttt.TARGETS)
+    ref = m.logits(idx)
+    adapters = ttt.Adapters(m, s, 3, CPU)
+    adapters.reset(0)
+    try:
+        assert len(adapters.loras) == len(m.blocks) * 6 + 1  # every projection of every block, and the head
+        got = m.head(m.hidden(idx), head_delta=adapters.head)
+        assert torch.equal(got, ref)
+        with torch.no_grad():  # and the adapters really are in the path
+            for lora in adapters.loras:
+                lora.B.normal_()
+        assert not torch.allclose(m.head(m.hidden(idx), head_delta=adapters.head), ref)
+    finally:
+        adapters.remove()
+    assert torch.equal(m.logits(idx), ref)
+
+
+def test_scored_distributions_are_normalised(model, val):
+    tokens, _ = val
+    s = ttt.TTTSettings(chunk=8, seq_len=32, lora_rank=4)
+    adapters = ttt.Adapters(model, s, 2, CPU)
+    adapters.reset(0)
+    try:
+        with torch.no_grad():
+            for lora in adapters.loras:
+                lora.B.normal_(std=0.1)
+            x = torch.from_numpy(tokens[:64].astype(np.int64)).view(2, 32)
+            for logits in (model.logits(x), model.head(model.hidden(x), head_delta=adapters.head)):
+                total = torch.softmax(logits.double(), dim=-1).sum(-1)
+                torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-12)
+    finally:
+        adapters.remove()
+
+
+def test_phase_boundaries_as_counts_or_fractions():
+    assert ttt.phase_ends(2500, 3, 50_000) == (833, 1666, 2500)
+    assert ttt.phase_ends(0.05, 3, 50_000) == (833, 1666, 2500)
+    assert ttt.phase_ends(0.05, 3, 1621) == (27, 54, 81)
+    assert ttt.phase_ends(2500, 3, 1621) == (833, 1621)
+    assert ttt.phase_ends(0, 3, 1621) == () == ttt.phase_ends(100, 0, 1621)
+
+
+def test_documents_partition_the_stream_targets():
+    tokens = np.array([BOS_ID, 5, 6, BOS_ID, 7, BOS_ID, 8, 9, 10])
+    docs = ttt.split_documents(tokens)
+    assert docs.tolist() == [[0, 3], [3, 5], [5, 8]]
+    covered = np.concatenate([np.arange(a, e) for a, e in docs])
+    assert covered.tolist() == list(range(len(tokens) - 1))
+
+
+def test_unknown_lora_target_is_refused():
+    with pytest.raises(ValueError, match="TTT_LORA_TARGETS"):
+        ttt.TTTSettings(targets=("k", "mlp"))

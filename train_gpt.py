@@ -22,7 +22,9 @@ import resource
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -255,24 +257,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    norm = staticmethod(rms_norm)  # the research trainer swaps norms and MLPs by subclassing
+
     def __init__(self, cfg, layer: int):
         super().__init__()
         dim = cfg.model_dim
         self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
-        self.mlp = MLP(dim, cfg.mlp_mult, cfg.leaky_slope)
+        self.mlp = self.make_mlp(cfg)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # learned mix of the stream and the embedding output x0, starting as the plain stream
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # damps deep layers' inputs
 
+    def make_mlp(self, cfg) -> nn.Module:
+        return MLP(cfg.model_dim, cfg.mlp_mult, cfg.leaky_slope)
+
     def attn_branch(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        return x, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs)
+        return x, self.attn_scale.to(x.dtype) * self.attn(self.norm(x) * self.norm_scale, docs)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        return self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x) * self.norm_scale)
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
         x, a = self.attn_branch(x, x0, docs)
@@ -289,6 +296,9 @@ def layer_order(cfg, looping: bool) -> list[int]:
 
 
 class GPT(nn.Module):
+    block = Block
+    norm = staticmethod(rms_norm)
+
     def __init__(self, cfg):
         super().__init__()
         L = cfg.num_layers
@@ -302,7 +312,7 @@ class GPT(nn.Module):
         if cfg.smear_gate_enabled:  # x_t += lambda * sigmoid(w . x_t[:width]) * x_{t-1}, never across a BOS
             self.smear_gate = CastedLinear(cfg.smear_width, 1, "zero")
             self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.blocks = nn.ModuleList(self.block(cfg, i) for i in range(L))
         # U-Net: encoder outputs are added back, last-in first-out, before the decoder's blocks;
         # sized for the longest (looped) order, whose encoder/decoder split is the widest
         order = layer_order(cfg, looping=True)
@@ -327,6 +337,9 @@ class GPT(nn.Module):
         gate = gate[:, 1:] * (idx[:, 1:, None] != BOS_ID).to(x.dtype)  # a BOS never sees the previous document
         return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
 
+    def after_step(self) -> None:
+        """Called after every optimizer step; research models update gradient-free state here."""
+
     def doc_info(self, idx: torch.Tensor):
         """Document layout of a batch. Build it outside a compiled model and pass it in: its tensors
         are then graph inputs (Inductor's FlexAttention lowering fails on a mask computed in-graph)."""
@@ -339,7 +352,7 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if hasattr(self, "smear_gate"):
             x = self.smear(x, idx)
-        x = x0 = rms_norm(x)
+        x = x0 = self.norm(x)
         order = layer_order(self.cfg, self.looping or not self.training)
         n_enc = len(order) // 2
         skips, lanes = [], None
@@ -368,7 +381,7 @@ class GPT(nn.Module):
         if lanes is not None:
             final = self.cfg.parallel_final_lane
             x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[final]
-        return rms_norm(x)
+        return self.norm(x)
 
     def logits(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
         return self.head(self.hidden(idx, docs))
@@ -400,11 +413,26 @@ def param_kind(name: str, p: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- training
-def main() -> None:
+TITLE = __doc__.strip().splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a trainer script plugs into main(): its knobs, its model class, how its parameters are
+    grouped for the optimizer, and its own file (logged, and packed for the code bytes). The research
+    trainer passes its extended versions; the loop, evaluation and export are shared."""
+    knobs: tuple = KNOBS
+    model: type = GPT
+    classify: Callable[[str, torch.Tensor], str] = param_kind
+    script: str = __file__
+    title: str = TITLE
+
+
+def main(recipe: Recipe = Recipe()) -> None:
     if "--help" in sys.argv or "-h" in sys.argv:
-        print(help_text(KNOBS, __doc__.strip().splitlines()[0]))
+        print(help_text(recipe.knobs, recipe.title))
         return
-    cfg = parse_knobs(KNOBS)
+    cfg = parse_knobs(recipe.knobs)
     info = dist.setup()
     device, cuda = info.device, info.device.type == "cuda"
     accum = cfg.grad_accum_steps or max(1, 8 // info.world_size)
@@ -420,7 +448,7 @@ def main() -> None:
     run_id = cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     log_dir = Path(cfg.log_dir)
     log = RunLog(log_dir / f"{run_id}.txt" if info.is_main else None)
-    meta = log.provenance(__file__, format_config(cfg))
+    meta = log.provenance(recipe.script, format_config(cfg))
     attention = backend_name(device, cfg.doc_isolation)
     log(f"run_id:{run_id} world_size:{info.world_size} grad_accum_steps:{accum} device:{device} "
         f"compile:{use_compile} attention:{attention}")
@@ -449,13 +477,13 @@ def main() -> None:
     # model and optimizer
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    base_model = GPT(cfg).to(device)
+    base_model = recipe.model(cfg).to(device)
     n_params = sum(p.numel() for p in base_model.parameters())
     log(f"model_params:{n_params}")
     log("layers: unlooped " + ",".join(map(str, layer_order(cfg, False))) +
         (" looped " + ",".join(map(str, layer_order(cfg, True))) if cfg.num_loops else ""))
     model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
-    opt = build_optimizer(dict(base_model.named_parameters()), param_kind, cfg, compile=use_compile)
+    opt = build_optimizer(dict(base_model.named_parameters()), recipe.classify, cfg, compile=use_compile)
     log("optimizer: " + opt.describe())
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
 
@@ -534,6 +562,7 @@ def main() -> None:
         loss = train_step(step, progress)
         if ema is not None:
             ema.update()
+        base_model.after_step()
         step += 1
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         if cfg.train_log_every > 0 and (step % cfg.train_log_every == 0 or step <= 10):
@@ -575,7 +604,7 @@ def main() -> None:
         calib_s = time.perf_counter() - t0
         log(f"gptq_calibration batches:{cfg.gptq_calibration_batches} ranks:{info.world_size} time:{calib_s:.1f}s")
     loader.close()
-    code_bytes = packed_code_bytes(__file__)
+    code_bytes = packed_code_bytes(recipe.script)
     t0 = time.perf_counter()
     label, blob, over_cap, fit_steps = export_label(cfg), b"", None, []
     if info.is_main:
@@ -612,7 +641,7 @@ def main() -> None:
 
     if info.is_main:
         write_summary(log_dir / f"{run_id}.json", {
-            **meta, "run_id": run_id, "trainer": Path(__file__).name, "config": cfg.as_dict(),
+            **meta, "run_id": run_id, "trainer": Path(recipe.script).name, "config": cfg.as_dict(),
             "world_size": info.world_size, "grad_accum_steps": accum, "device": str(device),
             "attention_backend": attention, "compile": use_compile, "compile_time_s": compile_s,
             "model_params": n_params, "steps": step, "stop_reason": stop_reason,

@@ -239,3 +239,34 @@ def test_documents_partition_the_stream_targets():
 def test_unknown_lora_target_is_refused():
     with pytest.raises(ValueError, match="TTT_LORA_TARGETS"):
         ttt.TTTSettings(targets=("k", "mlp"))
+
+
+def _ttt_worker(rank, world, port, out_dir, tokens, bytes_):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        m = small_model(VOCAB_SIZE=VOCAB, seed=3)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(0.5)
+        r = ttt.evaluate_ttt(m.eval(), tokens, bytes_, small_ttt(phase_ends=(2,)), CPU)
+        torch.save(torch.tensor([r["val_loss"], r["val_bpb"], r["tokens"]], dtype=torch.float64), f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ttt_over_two_ranks_matches_one_process(model, val, tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_bpb import _free_port
+
+    tokens, bytes_ = val
+    _, one = ttt_scores(model, tokens, bytes_, small_ttt(phase_ends=(2,)))
+    mp.spawn(_ttt_worker, args=(2, _free_port(), str(tmp_path), tokens, bytes_), nprocs=2, join=True)
+    for r in range(2):
+        loss, bpb, n = torch.load(tmp_path / f"r{r}.pt").tolist()
+        assert n == one["tokens"]
+        # the global pass sums gradients in another order across ranks: equal up to rounding
+        assert bpb == pytest.approx(one["val_bpb"], rel=1e-5) and loss == pytest.approx(one["val_loss"], rel=1e-5)

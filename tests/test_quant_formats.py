@@ -248,23 +248,37 @@ def test_compress_rejects_bad_arguments():
 
 def test_decompress_rejects_damaged_blobs():
     blob = compress(_payload(300), "zlib", 2)
-    with pytest.raises(ValueError, match="shorter than the 14-byte header"):
+    head = 18 + 4  # header + one chunk length
+    with pytest.raises(ValueError, match="shorter than the 18-byte header"):
         decompress(blob[:10])
     with pytest.raises(ValueError, match="bad magic"):
         decompress(b"XXXX" + blob[4:])
     with pytest.raises(ValueError, match="unknown method id 9"):
         decompress(blob[:4] + bytes([9]) + blob[5:])
     with pytest.raises(ValueError, match="corrupt zlib stream"):
-        decompress(blob[:14] + b"\x00" * 20)
+        decompress(blob[:head] + b"\x00" * (len(blob) - head))
     plain = compress(_payload(300), "zlib")
     with pytest.raises(ValueError, match="decoded to 300 bytes, header says 301"):
         decompress(plain[:6] + (301).to_bytes(8, "little") + plain[14:])
+    for method in ("lzma", "brotli", "none"):
+        with pytest.raises(ValueError, match="truncated"):
+            decompress(compress(_payload(300), method)[:-1])
     for method in ("lzma", "brotli"):
         good = compress(_payload(300), method)
         with pytest.raises(ValueError, match=f"corrupt {method} stream"):
-            decompress(good[:-20])
-    with pytest.raises(ValueError, match="decoded to 299 bytes"):
-        decompress(compress(_payload(300), "none")[:-1])
+            decompress(good[:head] + bytes(b ^ 0x5A for b in good[head:]))
+
+
+def test_large_inputs_are_compressed_in_independent_chunks(monkeypatch):
+    import quant.compress as qc
+
+    monkeypatch.setattr(qc, "CHUNK_BYTES", 1000)
+    data = _payload(3500)
+    for method in ("zlib", "brotli"):
+        blob = compress(data, method, 2)
+        assert int.from_bytes(blob[14:18], "little") == 4  # ceil(3500 / 1000) chunks
+        assert decompress(blob) == data
+        assert compress(data, method, 2) == blob  # deterministic
 
 
 def test_brotli_missing_gives_clear_error(monkeypatch):

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from data.shards import BOS_ID, load_stream
 from golf import dist
+from kernels.leaky_mlp import leaky_relu_sq_linear
+from kernels.softcap_ce import softcap_cross_entropy
 from golf.attention import attend, backend_name, doc_boundaries
 from golf.bpb import ByteCounter, load_byte_sidecar
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
@@ -162,6 +164,8 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
+    Knob("FUSED_CE", bool, False, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py)"),
+    Knob("FUSED_MLP", bool, False, "Triton fused fc + LeakyReLU^2 on CUDA in training (kernels/leaky_mlp.py)"),
 )
 
 # ----------------------------------------------------------------------------- model
@@ -245,14 +249,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: float, slope: float):
+    def __init__(self, dim: int, mult: float, slope: float, fused: bool = False):
         super().__init__()
         hidden = int(mult * dim)
         self.fc = CastedLinear(dim, hidden, "orthogonal")
         self.proj = CastedLinear(hidden, dim, "zero")
-        self.slope = slope
+        self.slope, self.fused = slope, fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training:  # evaluation calls self.fc, so TTT and calibration hooks see it
+            return self.proj(leaky_relu_sq_linear(x, self.fc.weight, self.slope))
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())  # slope 0 is ReLU^2
 
 
@@ -271,7 +277,7 @@ class Block(nn.Module):
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # damps deep layers' inputs
 
     def make_mlp(self, cfg) -> nn.Module:
-        return MLP(cfg.model_dim, cfg.mlp_mult, cfg.leaky_slope)
+        return MLP(cfg.model_dim, cfg.mlp_mult, cfg.leaky_slope, cfg.fused_mlp)
 
     def attn_branch(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -396,8 +402,10 @@ class GPT(nn.Module):
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", docs=None) -> torch.Tensor:
-        logits = self.logits(idx, docs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        x = self.hidden(idx, docs)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))  # the softcap is inside the loss
+        loss = softcap_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.softcap, reduction,
+                                     use_kernel=None if self.cfg.fused_ce else False)
         return loss.view_as(targets) if reduction == "none" else loss
 
 

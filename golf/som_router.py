@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from golf.moe import expert_metrics
+
 QUERY_KINDS = ("linear", "mlp")
 EXPERT_INITS = ("normal", "orthogonal", "uniform")
 ACTIVATIONS = ("leaky_relu2", "gelu")
@@ -280,32 +282,14 @@ class SOMMoE(nn.Module):
 
 
 # ---------------------------------------------------------------------- metrics and reports
-def gini(counts: torch.Tensor) -> float:
-    """Gini coefficient of a usage vector: 0 perfectly even, (n-1)/n all on one expert; 0 if empty."""
-    x = counts.double().flatten().sort().values
-    n, total = x.numel(), x.sum()
-    if total <= 0:
-        return 0.0
-    rank = torch.arange(1, n + 1, dtype=torch.float64)
-    return float(2 * (rank * x).sum() / (n * total) - (n + 1) / n)
-
-
-def entropy(counts: torch.Tensor) -> float:
-    """Shannon entropy (nats) of the usage distribution; 0 if empty."""
-    x = counts.double().flatten()
-    if x.sum() <= 0:
-        return 0.0
-    p = x / x.sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
-
-
 def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
-    """gini, entropy (nats), entropy_frac (entropy / log E: 1 is uniform), used_frac (experts chosen at least once)."""
+    """gini, entropy (nats), entropy_frac (entropy / log E: 1 is uniform), used_frac (experts chosen at
+    least once); the same load metrics as the learned-router MoE (golf/moe.py)."""
+    m = expert_metrics(counts)
     n = counts.numel()
-    h = entropy(counts)
-    return {"gini": gini(counts), "entropy": h, "entropy_frac": h / math.log(n) if n > 1 else 1.0,
-            "used_frac": float((counts > 0).double().mean())}
+    return {"gini": m["gini"], "entropy": m["entropy"] * math.log(n) if n > 1 else 0.0,
+            "entropy_frac": m["entropy"] if m["tokens_per_expert"] and sum(m["tokens_per_expert"]) else 0.0,
+            "used_frac": 1.0 - m["dead_experts"] / n}
 
 
 def som_layers(model: nn.Module) -> list[tuple[str, SOMMoE]]:

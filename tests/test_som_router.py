@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from golf.som_router import (SOMMoE, SOMSettings, entropy, gini, param_report, update_all_keys,
+from golf.som_router import (SOMMoE, SOMSettings, param_report, update_all_keys,
                              usage_metrics, usage_report)
 
 DIM = 32
@@ -319,13 +319,12 @@ def test_usage_histogram_counts_training_choices_and_resets():
 
 
 def test_gini_and_entropy_values():
-    even, one = torch.full((4,), 5), torch.tensor([0, 0, 0, 9])
-    assert gini(even) == pytest.approx(0) and gini(one) == pytest.approx(0.75)
-    assert entropy(even) == pytest.approx(math.log(4)) and entropy(one) == pytest.approx(0)
-    assert gini(torch.zeros(4)) == 0 and entropy(torch.zeros(4)) == 0
-    met = usage_metrics(torch.tensor([3, 0, 1, 0]))
-    assert met["used_frac"] == 0.5 and 0 < met["entropy_frac"] < 1
-
+    even, one = torch.ones(4), torch.tensor([0.0, 0.0, 0.0, 4.0])
+    e, o, z = usage_metrics(even), usage_metrics(one), usage_metrics(torch.zeros(4))
+    assert e["gini"] == pytest.approx(0) and o["gini"] == pytest.approx(0.75)
+    assert e["entropy"] == pytest.approx(math.log(4)) and o["entropy"] == pytest.approx(0)
+    assert e["entropy_frac"] == pytest.approx(1) and e["used_frac"] == 1 and o["used_frac"] == 0.25
+    assert z["gini"] == 0 and z["entropy"] == 0 and z["used_frac"] == 0
 
 def test_param_report():
     m = make(query="mlp", query_hidden=12)

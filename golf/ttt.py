@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from golf.attention import doc_boundaries
 from golf.bpb import BpbMeter
 from golf.dist import all_reduce_
 from golf.evaluate import rank_range
@@ -176,7 +177,10 @@ def _add_delta(lora: BatchedLoRA):
 def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, first: int = 0) -> torch.Tensor:
     """Per-token nats of positions first.. of each row (the LM head runs on those positions only)."""
     with autocast:
-        h = model.hidden(x)[:, first:]
+        # every row is one document (no BOS after position 0), so plain causal attention is exact and
+        # runs on shape-agnostic kernels: TTT windows change shape every chunk, and a compiled
+        # FlexAttention would recompile per shape
+        h = model.hidden(x, docs=doc_boundaries(x, BOS_ID, isolate=False))[:, first:]
         logits = model.head(h, head_delta=head_delta)
     y = y[:, first:]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)

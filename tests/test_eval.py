@@ -194,6 +194,15 @@ def test_ttt_forward_with_zero_adapters_is_the_model_forward(switch):
         assert len(adapters.loras) == len(m.blocks) * 6 + 1  # every projection of every block, and the head
         got = m.head(m.hidden(idx), head_delta=adapters.head)
         assert torch.equal(got, ref)
+        # the TTT scoring path itself (causal attention: its rows are single documents)
+        single = idx.clone()
+        single[1, 20] = 7
+        y = torch.roll(single, -1, 1)
+        plain = F.cross_entropy(m.logits(single).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        off = torch.autocast("cpu", enabled=False)
+        torch.testing.assert_close(ttt._nats(m, single, y, adapters.head, off), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ttt._nats(m, single, y, adapters.head, off, first=25), plain[:, 25:],
+                                   rtol=1e-5, atol=1e-5)
         with torch.no_grad():  # and the adapters really are in the path
             for lora in adapters.loras:
                 lora.B.normal_()

@@ -14,7 +14,19 @@ path only runs on CUDA tensors (kernels/__init__.py), so CPU trainer runs use th
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): extra
+    OpenMP threads only add synchronisation, and on a busy machine their spinning costs more than the
+    work (up to 100x here; trainer runs use OMP_NUM_THREADS=1 likewise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

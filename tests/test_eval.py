@@ -16,6 +16,7 @@ from tests.trainer_runs import SAMPLE
 
 CPU = torch.device("cpu")
 VOCAB = 1024
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,6 @@ def val():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     m = small_model(VOCAB_SIZE=VOCAB, seed=3)
     with torch.no_grad():  # a quieter model: random 0.2-std weights make the logits saturate
         for p in m.parameters():

@@ -27,13 +27,7 @@ QS = QuantSettings(small_numel=1024)
 CODE_BYTES = 50_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: extra OpenMP threads only add synchronisation (as in tests/test_gptq.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ CLIP = {"attn": 13.0, "mlp": 11.5, "embed": 14.0}
 TRAINED_CLIP = 30.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: extra OpenMP threads only add synchronisation, and on a busy machine
-    their spinning costs more than the work (the trainer tests run with OMP_NUM_THREADS=1 likewise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_hessian(cols: int, n: int = 4096, seed: int = 0) -> torch.Tensor:

@@ -12,13 +12,7 @@ DIM = 32
 ALL_OFF = dict(attraction=False, co_pull=False, decay=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: with a busy CPU, intra-op threads only add waiting (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw) -> SOMSettings:

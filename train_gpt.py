@@ -41,7 +41,7 @@ from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_
 from golf.evaluate import evaluate_stream, target_bytes
 from golf.loader import PackedLoader
 from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
-from golf.runlog import RunLog, write_summary
+from golf.runlog import RunLog, compile_breakdown, write_summary
 from golf.ttt import TTTSettings, evaluate_ttt, phase_ends, split_documents
 from quant import export
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
@@ -540,6 +540,9 @@ def main(recipe: Recipe = Recipe()) -> None:
         opt.load_state_dict(initial_opt)
         loader.reset()
         log(f"compile_warmup_steps:{cfg.warmup_steps} compile_time:{compile_s:.1f}s (not counted in train_time)")
+    compile_phases = compile_breakdown() if use_compile else {}
+    if compile_phases:
+        log("compile_phases: " + " ".join(f"{k}:{v:g}{'' if k == 'graphs' else 's'}" for k, v in compile_phases.items()))
     ema = EMA(base_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     cap_ms = 1000 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds > 0 else 0.0
@@ -652,7 +655,7 @@ def main(recipe: Recipe = Recipe()) -> None:
             **meta, "run_id": run_id, "trainer": Path(recipe.script).name, "config": cfg.as_dict(),
             "world_size": info.world_size, "grad_accum_steps": accum, "device": str(device),
             "attention_backend": attention, "compile": use_compile, "compile_time_s": compile_s,
-            "model_params": n_params, "steps": step, "stop_reason": stop_reason,
+            "compile_phases": compile_phases,            "model_params": n_params, "steps": step, "stop_reason": stop_reason,
             "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
             "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,
             "peak_memory": peak, "val_history": val_history, "stages": stages,

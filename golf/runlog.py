@@ -107,3 +107,26 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+# Dynamo's per-phase compile timers worth a log line: tracing, the autograd split, Inductor's codegen
+# and the wait for Triton kernels compiling in the background
+COMPILE_PHASES = {"bytecode_tracing": "trace", "create_aot_dispatcher_function": "aot",
+                  "compile_fx_inner": "inductor", "async_compile.wait": "triton_wait"}
+
+
+def compile_breakdown() -> dict[str, float]:
+    """Seconds spent in each of COMPILE_PHASES so far in this process, plus the number of graphs
+    compiled; empty when Dynamo's private timers are unavailable (they are diagnostics, not results)."""
+    try:
+        from torch._dynamo.utils import compile_times, counters
+        table = compile_times(repr="str", aggregate=True)
+    except (ImportError, TypeError):
+        return {}
+    out: dict[str, float] = {}
+    for line in table.splitlines():
+        name, _, value = line.rpartition(", ")
+        if name in COMPILE_PHASES:
+            out[COMPILE_PHASES[name]] = round(float(value), 2)
+    out["graphs"] = counters["stats"]["unique_graphs"]
+    return out

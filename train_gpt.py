@@ -149,6 +149,7 @@ KNOBS = (
     Knob("TTT_CHUNK_SIZE", int, 48, "tokens scored per document before each adapter step"),
     Knob("TTT_EVAL_SEQ_LEN", int, 2048, "most tokens of a document's prefix a TTT chunk sees"),
     Knob("TTT_BATCH_DOCS", int, 64, "documents per TTT batch (one adapter each)", (Alias("TTT_BATCH_SIZE"),)),
+    Knob("TTT_MICRO_BATCH_TOKENS", int, 32768, "most window tokens per TTT forward/backward (bounds memory; exact)"),
     Knob("TTT_LORA_RANK", int, 96, "rank of the TTT LoRA adapters"),
     Knob("TTT_LORA_ALPHA", float, 96.0, "LoRA scale numerator (delta = x A B * alpha / rank)"),
     Knob("TTT_LORA_TARGETS", str, "k,o,fc,proj,head", "projections with adapters: q,k,v,o,fc,proj,head"),
@@ -164,8 +165,9 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
-    Knob("FUSED_CE", bool, False, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py)"),
-    Knob("FUSED_MLP", bool, False, "Triton fused fc + LeakyReLU^2 on CUDA in training (kernels/leaky_mlp.py)"),
+    Knob("COMPILE_MODE", str, "model", "model: one graph per layer order; blocks: one per block variant, plus the loss"),
+    Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
+    Knob("FUSED_MLP", bool, False, "Triton fused fc + LeakyReLU^2 on CUDA in training (kernels/leaky_mlp.py; off: no clear gain yet)"),
 )
 
 # ----------------------------------------------------------------------------- model
@@ -180,7 +182,8 @@ class CastedLinear(nn.Linear):
             nn.init.orthogonal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        # no bias here; the research trainer adds one (BIAS=1) by setting self.bias
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -238,14 +241,18 @@ class Attention(nn.Module):
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
         # autocast leaves the RMS-normed q, k in fp32; FlexAttention and FA3 need one dtype (v's, bf16)
-        y = attend(q.to(v.dtype), k.to(v.dtype), v, docs)  # [B, T, H, D]
+        y = self.attend(q.to(v.dtype), k.to(v.dtype), v, docs)  # [B, T, H, D]
         if self.xsa:  # remove each head's component along its own position's (normalised) value vector
             v_hat = F.normalize(v, dim=-1).repeat_interleave(self.heads // self.kv_heads, dim=2)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if hasattr(self, "attn_gate_w"):
             gate = torch.sigmoid(self.gate_scale * F.linear(a[..., : self.gate_width], self.attn_gate_w.to(a.dtype)))
-            y = y * gate[..., None]
+            y = y * gate.view(B, T, self.heads, -1)  # [B, T, H] here; per channel in the research trainer
         return self.proj(y.reshape(B, T, C))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs) -> torch.Tensor:
+        """The attention kernel (golf/attention.py); the research trainer adds ALiBi, windows and sinks."""
+        return attend(q, k, v, docs)
 
 
 class MLP(nn.Module):
@@ -268,15 +275,20 @@ class Block(nn.Module):
     def __init__(self, cfg, layer: int):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
-        self.mlp = self.make_mlp(cfg)
+        self.attn = self.make_attention(cfg, layer)
+        self.mlp = self.make_mlp(cfg, layer)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # learned mix of the stream and the embedding output x0, starting as the plain stream
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # damps deep layers' inputs
+        # damps deep layers' inputs; a buffer, not a float, so every layer shares one compiled graph
+        self.register_buffer("norm_scale", torch.tensor(1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0),
+                             persistent=False)
 
-    def make_mlp(self, cfg) -> nn.Module:
+    def make_attention(self, cfg, layer: int) -> nn.Module:
+        return Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+
+    def make_mlp(self, cfg, layer: int) -> nn.Module:
         return MLP(cfg.model_dim, cfg.mlp_mult, cfg.leaky_slope, cfg.fused_mlp)
 
     def attn_branch(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
@@ -287,10 +299,20 @@ class Block(nn.Module):
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x) * self.norm_scale)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, docs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, docs, mlp_lane: torch.Tensor | None = None):
+        """The next stream; for a parallel-lane layer (`mlp_lane` given), the attention branch of x
+        and the MLP branch of the MLP lane, which the caller mixes."""
         x, a = self.attn_branch(x, x0, docs)
+        if mlp_lane is not None:
+            return a, self.mlp_branch(mlp_lane)
         x = x + a
         return x + self.mlp_branch(x)
+
+
+def call_block(block: nn.Module, *args):
+    """A block's forward as a free function: compiled once (COMPILE_MODE=blocks), it serves every
+    layer, since Dynamo guards on the block's structure and passes its weights as inputs."""
+    return block(*args)
 
 
 def layer_order(cfg, looping: bool) -> list[int]:
@@ -312,6 +334,7 @@ class GPT(nn.Module):
             raise KnobError(f"need 0 <= LOOP_START={cfg.loop_start} <= LOOP_END={cfg.loop_end} < NUM_LAYERS={L}")
         self.cfg = cfg
         self.looping = False  # set by the trainer after ENABLE_LOOPING_AT; evaluation always loops
+        self.regions = None  # compiled call_block and loss, set for a call by RegionCompiled
         self.softcap = cfg.logit_softcap
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
@@ -346,6 +369,24 @@ class GPT(nn.Module):
     def after_step(self) -> None:
         """Called after every optimizer step; research models update gradient-free state here."""
 
+    def describe(self) -> dict:
+        """Facts beyond the parameter count, logged as `model_info` and kept in the summary
+        (research models: active vs total parameters of a mixture of experts)."""
+        return {}
+
+    def report(self, step: int, log) -> dict:
+        """Called on every rank at each validation: research models log statistics gathered in
+        training (expert usage, summed over ranks) and return them for the summary."""
+        return {}
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Input embeddings; the research trainer adds learned positions and dropout here."""
+        return self.tok_emb(idx)
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's matrix: the tied embedding (the research trainer can untie it)."""
+        return self.tok_emb.weight
+
     def doc_info(self, idx: torch.Tensor):
         """Document layout of a batch. Build it outside a compiled model and pass it in: its tensors
         are then graph inputs (Inductor's FlexAttention lowering fails on a mask computed in-graph)."""
@@ -353,7 +394,7 @@ class GPT(nn.Module):
 
     def hidden(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
         docs = self.doc_info(idx) if docs is None else docs
-        x = self.tok_emb(idx)
+        x = self.embed(idx)
         if torch.is_autocast_enabled(x.device.type):  # the residual stream runs in the autocast dtype (bf16)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if hasattr(self, "smear_gate"):
@@ -362,10 +403,11 @@ class GPT(nn.Module):
         order = layer_order(self.cfg, self.looping or not self.training)
         n_enc = len(order) // 2
         skips, lanes = [], None
+        run = self.regions["block"] if self.regions else call_block
         for k, i in enumerate(order):
             block = self.blocks[i]
             if k < n_enc:
-                x = block(x, x0, docs)
+                x = run(block, x, x0, docs)
                 skips.append(x)
                 continue
             d = k - n_enc
@@ -375,11 +417,10 @@ class GPT(nn.Module):
                 x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[d]).to(x.dtype)) \
                     if hasattr(self, "skip_gates") else x + skip
             if i < self.parallel_start:
-                x = block(x, x0, docs)
+                x = run(block, x, x0, docs)
                 continue
             lane0 = x
-            _, a = block.attn_branch(lane0, x0, docs)
-            m = block.mlp_branch(lane1)
+            a, m = run(block, lane0, x0, docs, lane1)
             post, resid = self.parallel_post_lambdas[i].to(x.dtype), self.parallel_resid_lambdas[i].to(x.dtype)
             lanes = (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                      resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -395,7 +436,7 @@ class GPT(nn.Module):
     def head(self, x: torch.Tensor, head_delta=None) -> torch.Tensor:
         """Softcapped fp32 logits of final hidden states; `head_delta(x)` (test-time LoRA) is added
         before the cap. Separate from hidden() so TTT computes logits of the scored positions only."""
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        logits = F.linear(x, self.output_weight().to(x.dtype))
         if head_delta is not None:
             logits = logits + head_delta(x)
         logits = logits.float()
@@ -403,7 +444,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", docs=None) -> torch.Tensor:
         x = self.hidden(idx, docs)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))  # the softcap is inside the loss
+        return (self.regions["loss"] if self.regions else type(self).loss)(self, x, targets, reduction)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        logits = F.linear(x, self.output_weight().to(x.dtype))  # the softcap is inside the loss
         loss = softcap_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.softcap, reduction,
                                      use_kernel=None if self.cfg.fused_ce else False)
         return loss.view_as(targets) if reduction == "none" else loss
@@ -421,6 +465,28 @@ def param_kind(name: str, p: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- training
+def compile_model(model: GPT, mode: str):
+    """What the training and validation steps call. `model` traces the whole forward (one graph per
+    layer order: unlooped and looped); `blocks` compiles call_block and the loss only, so all
+    layers and both orders share a few graphs (shorter compile, eager glue between blocks)."""
+    if mode == "model":
+        return torch.compile(model, dynamic=False, fullgraph=True)
+    if mode != "blocks":
+        raise KnobError(f"COMPILE_MODE={mode!r}: expected 'model' or 'blocks'")
+    # graphs per block variant (XSA or not, serial or parallel) and mode (train, eval), above Dynamo's default 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    regions = {"block": torch.compile(call_block, dynamic=False, fullgraph=True),
+               "loss": torch.compile(type(model).loss, dynamic=False, fullgraph=True)}
+
+    def call(*args, **kwargs):
+        model.regions = regions  # only for this call: TTT and calibration run the eager model
+        try:
+            return model(*args, **kwargs)
+        finally:
+            model.regions = None
+    return call
+
+
 TITLE = __doc__.strip().splitlines()[0]
 
 
@@ -428,12 +494,14 @@ TITLE = __doc__.strip().splitlines()[0]
 class Recipe:
     """What a trainer script plugs into main(): its knobs, its model class, how its parameters are
     grouped for the optimizer, and its own file (logged, and packed for the code bytes). The research
-    trainer passes its extended versions; the loop, evaluation and export are shared."""
+    trainer passes its extended versions, and `resolve`, which fills knobs a preset implies (the log
+    shows the resolved values); the loop, evaluation and export are shared."""
     knobs: tuple = KNOBS
     model: type = GPT
     classify: Callable[[str, torch.Tensor], str] = param_kind
     script: str = __file__
     title: str = TITLE
+    resolve: Callable | None = None
 
 
 def main(recipe: Recipe = Recipe()) -> None:
@@ -441,6 +509,8 @@ def main(recipe: Recipe = Recipe()) -> None:
         print(help_text(recipe.knobs, recipe.title))
         return
     cfg = parse_knobs(recipe.knobs)
+    if recipe.resolve is not None:
+        cfg = recipe.resolve(cfg)
     info = dist.setup()
     device, cuda = info.device, info.device.type == "cuda"
     accum = cfg.grad_accum_steps or max(1, 8 // info.world_size)
@@ -459,7 +529,7 @@ def main(recipe: Recipe = Recipe()) -> None:
     meta = log.provenance(recipe.script, format_config(cfg))
     attention = backend_name(device, cfg.doc_isolation)
     log(f"run_id:{run_id} world_size:{info.world_size} grad_accum_steps:{accum} device:{device} "
-        f"compile:{use_compile} attention:{attention}")
+        f"compile:{use_compile and cfg.compile_mode} attention:{attention}")
     if cuda and not attention.startswith("flash_attention_3"):
         log("attention: FlashAttention 3 not importable; using " + attention)
 
@@ -488,9 +558,12 @@ def main(recipe: Recipe = Recipe()) -> None:
     base_model = recipe.model(cfg).to(device)
     n_params = sum(p.numel() for p in base_model.parameters())
     log(f"model_params:{n_params}")
+    model_info = base_model.describe()
+    if model_info:
+        log("model_info " + " ".join(f"{k}:{v}" for k, v in model_info.items()))
     log("layers: unlooped " + ",".join(map(str, layer_order(cfg, False))) +
         (" looped " + ",".join(map(str, layer_order(cfg, True))) if cfg.num_loops else ""))
-    model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
+    model = compile_model(base_model, cfg.compile_mode) if use_compile else base_model
     opt = build_optimizer(dict(base_model.named_parameters()), recipe.classify, cfg, compile=use_compile)
     log("optimizer: " + opt.describe())
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
@@ -549,6 +622,7 @@ def main(recipe: Recipe = Recipe()) -> None:
     log(f"train_batch_tokens:{cfg.train_batch_tokens} seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"max_wallclock_seconds:{cfg.max_wallclock_seconds:g} effective_cap:{cap_ms:.0f}ms")
     val_history, loop_began, train_ms, step, stop_reason = [], None, 0.0, 0, "iterations"
+    model_reports = []
     sync()
     t0 = time.perf_counter()
     while True:
@@ -560,6 +634,8 @@ def main(recipe: Recipe = Recipe()) -> None:
             val_history.append({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time_ms": train_ms})
             log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            if report := base_model.report(step, log):
+                model_reports.append({"step": step, **report})
             sync()
             t0 = time.perf_counter()
         if last:
@@ -659,6 +735,7 @@ def main(recipe: Recipe = Recipe()) -> None:
             "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
             "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,
             "peak_memory": peak, "val_history": val_history, "stages": stages,
+            "model_info": model_info, "model_reports": model_reports,
             "bytes": {"code": code_bytes, "model": len(blob), "total": code_bytes + len(blob),
                       "over_cap": over_cap is not None, "label": label},
             "export": {"method": cfg.quant_method, "calibration_s": calib_s, "export_s": export_s, "fit_steps": fit_steps},
@@ -741,7 +818,8 @@ def ttt_settings(cfg, n_docs: int) -> TTTSettings:
         beta1=cfg.ttt_beta1, beta2=cfg.ttt_beta2, weight_decay=cfg.ttt_weight_decay,
         phase_ends=phase_ends(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, n_docs),
         global_lr=cfg.global_ttt_lr, global_momentum=cfg.global_ttt_momentum, global_epochs=cfg.global_ttt_epochs,
-        global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip, seed=cfg.seed)
+        global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip,
+        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed)
 
 
 def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device, log) -> dict:
@@ -760,13 +838,17 @@ def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device
     if cfg.ttt_enabled:
         s = ttt_settings(cfg, len(split_documents(val_tokens)))
         log(f"ttt: chunk:{s.chunk} seq_len:{s.seq_len} batch_docs:{s.batch_docs} lora_rank:{s.lora_rank} "
-            f"targets:{','.join(s.targets)} phase_ends:{list(s.phase_ends)}")
+            f"targets:{','.join(s.targets)} phase_ends:{list(s.phase_ends)} micro_batch_tokens:{s.micro_tokens}")
+        if device.type == "cuda":  # TTT's own peak: training's cached blocks are released first
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         r = evaluate_ttt(model, val_tokens, byte_counts, s, device, autocast, log=log)
+        peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
         log(f"final_ttt val_loss:{r['val_loss']:.4f} val_bpb:{r['val_bpb']:.4f} eval_time:{r['seconds']:.1f}s "
-            f"tokens_per_s:{r['tokens'] / max(r['seconds'], 1e-9):.0f}")
+            f"tokens_per_s:{r['tokens'] / max(r['seconds'], 1e-9):.0f} peak_memory:{peak}MiB")
         log(f"final_ttt_exact val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}")
         stages["ttt"] = {"val_loss": r["val_loss"], "val_bpb": r["val_bpb"], "eval_time_s": r["seconds"],
-                         "tokens": r["tokens"], "phase_ends": r["phase_ends"]}
+                         "tokens": r["tokens"], "phase_ends": r["phase_ends"], "peak_memory_mib": peak}
     return stages
 
 

@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
 # Quantizers and evaluation modes compared on ONE trained checkpoint (issues: quant/, evaluation).
 #   CKPT=bench_out/record_proxy_180s_seed1337_model.pre.bin bench/quant_eval_h100.sh quant
-#       int8+zlib, round-to-nearest int6, GPTQ int6, GPTQ int6 + LQER (brotli): bytes and val_bpb gap
-#   CKPT=... bench/quant_eval_h100.sh eval
-#       GPTQ+LQER round trip, then sliding windows (stride 64), LoRA TTT, phased TTT, with eval times
+#       int8+zlib, round-to-nearest int6, GPTQ int6, GPTQ int6 + LQER (brotli), all at the configured
+#       clips (FIT_BUDGET=0: bytes as they come, over the cap or not): bytes and val_bpb gap
+#   CKPT=... bench/quant_eval_h100.sh eval     GPTQ+LQER round trip, sliding windows (stride 64), phased TTT
+#   CKPT=... bench/quant_eval_h100.sh lora     GPTQ+LQER round trip, LoRA TTT without global phases
 # The checkpoint's Hessians (<RUN_ID>_hessians.bin) must sit beside it. Val data as in record_h100.sh;
 # PHASED_TTT_PREFIX_DOCS defaults to 0.05 (the public 2,500 of 50,000 documents, scaled to 1,621).
+# Logs go to OUT, the re-quantized model bytes to BINS (default OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quant}
 OUT=${OUT:-bench_out}
 BENCH=${BENCH:-/tmp/bench}
 PY=${PY:-python3}
+BINS=${BINS:-$OUT}
 : "${CKPT:?set CKPT to a <RUN_ID>_model.pre.bin}"
 export DATA_PATH="${DATA_PATH:-$BENCH/datasets/bench_sp8192}" TOKENIZER_PATH="${TOKENIZER_PATH:-$BENCH/tokenizers/fineweb_8192_bpe.model}"
 export PYTHONUNBUFFERED=1 PHASED_TTT_PREFIX_DOCS="${PHASED_TTT_PREFIX_DOCS:-0.05}"
 # rq NAME --score|--stages KNOB=VALUE...
-rq() { local name=$1 flag=$2; shift 2; env "$@" "$PY" -m quant requantize "$CKPT" -o "$OUT/rq_$name.bin" "$flag" 2>&1 | tee "$OUT/rq_$name.log"; }
+rq() { local name=$1 flag=$2; shift 2; env "$@" "$PY" -m quant requantize "$CKPT" -o "$BINS/rq_$name.bin" "$flag" 2>&1 | tee "$OUT/rq_$name.log"; }
 case "$MODE" in
   quant)
     rq int8 --score QUANT_METHOD=int8
-    rq rtn6 --score QUANT_METHOD=rtn LQER_ENABLED=0
-    rq gptq6 --score QUANT_METHOD=gptq LQER_ENABLED=0
-    rq gptq6_lqer --score QUANT_METHOD=gptq LQER_ENABLED=1 ;;
-  eval)
-    rq lora_ttt --stages EVAL_STRIDE=0 PHASED_TTT_NUM_PHASES=0
-    rq all_stages --stages EVAL_STRIDE=64 ;;
-  *) echo "usage: $0 quant|eval" >&2; exit 2 ;;
+    rq rtn6 --score QUANT_METHOD=rtn LQER_ENABLED=0 FIT_BUDGET=0
+    rq gptq6 --score QUANT_METHOD=gptq LQER_ENABLED=0 FIT_BUDGET=0
+    rq gptq6_lqer --score QUANT_METHOD=gptq LQER_ENABLED=1 FIT_BUDGET=0 ;;
+  eval) rq all_stages --stages EVAL_STRIDE=64 ;;
+  lora) rq lora_ttt --stages EVAL_STRIDE=0 PHASED_TTT_NUM_PHASES=0 ;;
+  *) echo "usage: $0 quant|eval|lora" >&2; exit 2 ;;
 esac

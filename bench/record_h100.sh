@@ -2,6 +2,7 @@
 # The record stack (train_gpt.py defaults) on the SP8192 benchmark set, one GPU (SPEC.md section 9).
 #   bench/record_h100.sh proxy [SEED]  98,304 tokens/step, no accumulation (one rank's share), 180 s
 #   bench/record_h100.sh full          786,432 tokens/step, accumulation 8 (the exact 8-GPU math), 150 s
+#   BUDGET=150 bench/record_h100.sh proxy  another training budget (seconds) for the proxy
 #   bench/record_h100.sh smoke         proxy settings for 30 s: does everything compile and run
 # Builds the SP8192 benchmark set first from SOURCES (a copy of ../shared/data), unless it exists.
 # Reference (public best script, same H100, same data): full 800 ms/step before looping, 1,200
@@ -28,7 +29,7 @@ if [ "${STAGES:-0}" != 1 ]; then export EVAL_STRIDE=0 TTT_ENABLED=0; fi
 set -o pipefail
 run() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py 2>&1 | tee "$OUT/$RUN_ID.console"; }
 case "$MODE" in
-  proxy) RUN_ID=${RUN_ID:-record_proxy_180s_seed$SEED} MAX_WALLCLOCK_SECONDS=180 TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 run ;;
+  proxy) RUN_ID=${RUN_ID:-record_proxy_180s_seed$SEED} MAX_WALLCLOCK_SECONDS=${BUDGET:-180} TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 run ;;
   full)  RUN_ID=${RUN_ID:-record_full_150s} MAX_WALLCLOCK_SECONDS=150 TRAIN_BATCH_TOKENS=786432 GRAD_ACCUM_STEPS=8 run ;;
   smoke) RUN_ID=${RUN_ID:-record_smoke} MAX_WALLCLOCK_SECONDS=30 TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 \
          TRAIN_LOG_EVERY=10 run ;;

@@ -115,7 +115,8 @@ class MoEMLP(nn.Module):
         if impl not in ("auto", "grouped", "padded"):
             raise ValueError(f"MoE impl={impl!r}: expected 'auto', 'grouped' or 'padded'")
         if min(router_noise, aux_loss_weight, z_loss_weight, router_init_std) < 0:
-            raise ValueError("MoE router_noise, aux_loss_weight, z_loss_weight, router_init_std must be >= 0")
+            raise ValueError(f"MoE router_noise={router_noise}, aux_loss_weight={aux_loss_weight}, "
+                             f"z_loss_weight={z_loss_weight}, router_init_std={router_init_std}: expected >= 0")
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.activation, self.slope = activation, slope
         self.routing, self.capacity_factor = routing, capacity_factor

@@ -7,7 +7,8 @@ API
 ---
     opt = build_optimizer(named_params, classify, hp, compile=False)
         named_params: dict[str, Parameter]  (the same order on every rank, e.g. dict(model.named_parameters()))
-        classify(name, param) -> "matrix" | "embed" | "scalar"
+        classify(name, param) -> "matrix" | "embed" | "scalar"  ("matrix": 2-D, or a 3-D stack such as MoE
+            experts [E, rows, cols], whose E matrices each get their own Muon update)
         hp: object with matrix_lr, scalar_lr, tied_embed_lr, muon_wd, embed_wd, adam_wd, beta1, beta2,
             adam_eps, muon_backend_steps, muon_row_normalize, grad_clip_norm
     grad_norm = opt.step(lr_scale, muon_momentum)  # 0-d tensor: global grad norm before clipping
@@ -128,11 +129,11 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _copy_grads(dst: list[Tensor], params: list[Tensor]) -> None:
-    """dst[i] <- params[i].grad, zero where a parameter has no grad (keeps the collectives identical)."""
-    have = [(d, p.grad) for d, p in zip(dst, params) if p.grad is not None]
-    for d, p in zip(dst, params):
-        if p.grad is None:
+def _copy_grads(dst: list[Tensor], grads: list[Tensor | None]) -> None:
+    """dst[i] <- grads[i], zero where a parameter has no grad (keeps the collectives identical)."""
+    have = [(d, g) for d, g in zip(dst, grads) if g is not None]
+    for d, g in zip(dst, grads):
+        if g is None:
             d.zero_()
     if have:
         torch._foreach_copy_([d for d, _ in have], [g.view_as(d) for d, g in have])
@@ -142,13 +143,17 @@ def _copy_grads(dst: list[Tensor], params: list[Tensor]) -> None:
 @dataclass
 class _MatrixGroup:
     """Same-shape matrices optimised as one stack; this rank owns stack rows [rank*shard, (rank+1)*shard)."""
-    params: list[Tensor]
+    params: list[Tensor]  # updated in place: 2-D parameters, or views of single matrices of a 3-D stack
+    sources: list[tuple[Tensor, int | None]]  # (parameter, matrix index in a 3-D stack) of each entry
     shape: tuple[int, int]
     shard: int  # matrices per rank (after padding)
     grads: Tensor  # [n_pad, r, c] stacked local grads; padding rows stay zero
     reduced: Tensor  # [shard, r, c] averaged grads of this rank's matrices (a view of `grads` in one process)
     momentum: Tensor  # [shard, r, c]
     gathered: Tensor  # [n_pad, r, c] bf16 orthogonalised updates of every matrix
+
+    def param_grads(self) -> list[Tensor | None]:
+        return [p.grad if i is None or p.grad is None else p.grad[i] for p, i in self.sources]
 
     @property
     def scale(self) -> float:
@@ -173,12 +178,15 @@ class OptimizerSet:
         self._update = torch.compile(muon_shard_update, dynamic=False, fullgraph=True) if compile \
             else muon_shard_update
 
-        # matrices grouped by (shape, dtype, device), in first-seen order (the same on every rank)
-        by_key: dict[tuple, list[Tensor]] = {}
+        # matrices grouped by (shape, dtype, device), in first-seen order (the same on every rank); a 3-D
+        # parameter (MoE experts [E, rows, cols]) is E matrices, each with its own Muon update
+        by_key: dict[tuple, list[tuple[Tensor, int | None]]] = {}
         for _, p in matrices:
-            by_key.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for i in range(p.shape[0]) if p.ndim == 3 else (None,):
+                by_key.setdefault((tuple(p.shape[-2:]), p.dtype, p.device), []).append((p, i))
         self.groups: list[_MatrixGroup] = []
-        for (shape, dtype, device), ps in by_key.items():
+        for (shape, dtype, device), sources in by_key.items():
+            ps = [p if i is None else p.detach()[i] for p, i in sources]
             shard = math.ceil(len(ps) / self.world)
             n_pad = shard * self.world
             grads = torch.zeros((n_pad, *shape), dtype=dtype, device=device)
@@ -187,7 +195,7 @@ class OptimizerSet:
                 gathered = torch.zeros((n_pad, *shape), dtype=torch.bfloat16, device=device)
             else:
                 reduced, gathered = grads, grads.new_empty(0)  # no copies; the update is used directly
-            self.groups.append(_MatrixGroup(ps, shape, shard, grads, reduced,
+            self.groups.append(_MatrixGroup(ps, sources, shape, shard, grads, reduced,
                                             torch.zeros((shard, *shape), dtype=dtype, device=device), gathered))
 
         # replicated params: one flat fp32 buffer, last slot carries the matrix part of the squared norm
@@ -228,7 +236,7 @@ class OptimizerSet:
         # 1. matrix grads: stack, reduce-scatter (async, all groups back to back), average
         works = []
         for grp in self.groups:
-            _copy_grads(list(grp.grads[:len(grp.params)].unbind(0)), grp.params)
+            _copy_grads(list(grp.grads[:len(grp.params)].unbind(0)), grp.param_grads())
             if world > 1:
                 works.append(_reduce_scatter(grp.reduced, grp.grads))
         for w in works:
@@ -240,7 +248,7 @@ class OptimizerSet:
             shard_sq = shard_sq + torch.linalg.vector_norm(grp.reduced, dtype=torch.float32).square()
 
         # 2. replicated grads + the matrix part of the squared norm: one all-reduce
-        _copy_grads(self._flat_views, self.replicated)
+        _copy_grads(self._flat_views, [p.grad for p in self.replicated])
         self._flat[-1] = shard_sq
         if world > 1:
             dist.all_reduce(self._flat)
@@ -340,8 +348,9 @@ def build_optimizer(named_params: dict[str, nn.Parameter], classify: Callable[[s
         kind = classify(name, p)
         if kind not in parts:
             raise ValueError(f"classify({name!r}) returned {kind!r}: expected 'matrix', 'embed' or 'scalar'")
-        if kind == "matrix" and p.ndim != 2:
-            raise ValueError(f"classify({name!r}) returned 'matrix' for shape {tuple(p.shape)}: Muon needs 2-D")
+        if kind == "matrix" and p.ndim not in (2, 3):
+            raise ValueError(f"classify({name!r}) returned 'matrix' for shape {tuple(p.shape)}: Muon needs 2-D "
+                             "(or a 3-D stack of matrices, updated one matrix at a time)")
         parts[kind].append((name, p))
     devices = {p.device for ps in parts.values() for _, p in ps}
     if len(devices) > 1:

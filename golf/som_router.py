@@ -15,7 +15,8 @@ What learns how:
 
 Key update rules, applied by `update_keys()` in this order to the queries q (unit vectors) and
 choices saved from the last training forward (with gradient accumulation: the last micro-batch;
-subsampled by a stride to at most `max_saved` tokens). Each rule
+subsampled by a stride to at most `max_saved` tokens; with several ranks, every rank's saved tokens
+gathered, so all ranks apply the same update and their keys stay identical). Each rule
 has its own switch and coefficient, works on the keys the previous rule left and re-normalises each
 key it moves; keys a rule does not move stay bit-identical; with every rule off the keys never change.
   usage EMA   share_e = (choices of e) * E / (tokens * k), so 1 is a uniform share;
@@ -55,6 +56,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -99,21 +101,31 @@ class SOMSettings:
             if not ok:
                 raise ValueError(f"SOMSettings: {what}")
         need(1 <= self.top_k <= self.num_experts, f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
-        need(self.temperature > 0 and self.eval_temperature > 0, "temperatures must be > 0")
+        need(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        need(self.eval_temperature > 0, f"eval_temperature={self.eval_temperature} must be > 0")
         need(self.query in QUERY_KINDS, f"query={self.query!r} not in {QUERY_KINDS}")
         need(self.expert_init in EXPERT_INITS, f"expert_init={self.expert_init!r} not in {EXPERT_INITS}")
         need(self.activation in ACTIVATIONS, f"activation={self.activation!r} not in {ACTIVATIONS}")
         need(self.compute in COMPUTES, f"compute={self.compute!r} not in {COMPUTES}")
-        need(0 <= self.usage_decay < 1, "usage_decay must be in [0, 1)")
-        need(0 <= self.decay_percentile <= 100, "decay_percentile must be in [0, 100]")
+        need(0 <= self.usage_decay < 1, f"usage_decay={self.usage_decay} must be in [0, 1)")
+        need(0 <= self.decay_percentile <= 100, f"decay_percentile={self.decay_percentile} must be in [0, 100]")
         for name in ("attraction_lr", "co_pull_coef", "decay_coef"):
-            need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
-        need(self.inertia >= 0 and self.decay_warmup >= 0 and self.max_saved >= 1,
-             "inertia and decay_warmup must be >= 0, max_saved >= 1")
+            need(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)} must be in [0, 1]")
+        for name, low in (("inertia", 0), ("decay_warmup", 0), ("max_saved", 1), ("key_dim", 1), ("query_hidden", 1)):
+            need(getattr(self, name) >= low, f"{name}={getattr(self, name)} must be >= {low}")
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return F.normalize(v, dim=-1)
+
+
+def _gather_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on each) concatenated along dim 0 in rank order; `t` alone in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out
 
 
 def _frozen_weight(g: torch.Generator, experts: int, fan_in: int, fan_out: int, init: str) -> torch.Tensor:
@@ -245,7 +257,7 @@ class SOMMoE(nn.Module):
         Call after each optimizer step; a second call without a training forward in between does nothing."""
         if self._saved is None:
             return
-        q, idx = self._saved
+        q, idx = (_gather_ranks(t) for t in self._saved)
         self._saved = None
         s, E, k = self.settings, self.settings.num_experts, self.settings.top_k
         q = q.float()

@@ -9,10 +9,11 @@ Documents. Document i covers inputs tokens[start_i:end_i] and targets tokens[sta
 end_i the next BOS (whose prediction ends document i) or the end of the stream, so the documents'
 targets are exactly the stream's targets, each once: TTT scores the same tokens as plain evaluation.
 
-Order. Documents are sorted by length, longest first (stable by position), cut into batches of
-`batch_docs`; ranks take batches from a shared counter, so the order depends on lengths only, never
-on the text. Phase boundaries (document counts) split the order; after each phase every rank joins a
-global SGD pass over all documents scored so far, which updates the base model for the next phase.
+Order. Phase boundaries (document counts) split the stream's documents in stream order; inside a
+phase documents are sorted by length, longest first (stable by position), and cut into batches of
+`batch_docs`; ranks take batches from a shared counter, so the order depends on positions and lengths
+only, never on the text. After each phase every rank joins a global SGD pass over all documents
+scored so far, which updates the base model for the next phase.
 
 Adapters. Batched LoRA (one adapter per document of the batch, A [B, in, r] random, B [B, r, out]
 zero) on chosen projections, added by forward hooks, so the forward is the model's own forward: at
@@ -62,6 +63,7 @@ class TTTSettings:
     global_batch_seqs: int = 32
     global_grad_clip: float = 1.0
     pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
+    micro_tokens: int = 32768  # most window tokens per forward/backward; larger batches accumulate
     seed: int = 0
 
     def __post_init__(self):
@@ -96,12 +98,14 @@ def split_documents(tokens: np.ndarray) -> np.ndarray:
 
 
 def plan(docs: np.ndarray, s: TTTSettings) -> list[list[np.ndarray]]:
-    """Phases, each a list of batches of document indices, in scoring order (lengths only)."""
+    """Phases, each a list of batches of document indices, in scoring order. A phase holds the next
+    documents of the stream (as the public phase boundaries count them); inside it, documents run
+    longest first, so a batch holds similar lengths and the long ones do not end up alone at the tail."""
     lengths = docs[:, 1] - docs[:, 0]
-    order = np.lexsort((np.arange(len(docs)), -lengths))
     phases, lo = [], 0
     for hi in [e for e in s.phase_ends if e < len(docs)] + [len(docs)]:
-        part = order[lo:hi]
+        idx = np.arange(lo, hi)
+        part = idx[np.lexsort((idx, -lengths[lo:hi]))]
         phases.append([part[i : i + s.batch_docs] for i in range(0, len(part), s.batch_docs)])
         lo = hi
     return phases
@@ -228,24 +232,30 @@ def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: 
         w0 = max(0, hi - s.seq_len)
         width = min(s.seq_len, -(-(hi - w0) // s.pad_multiple) * s.pad_multiple)
         active = np.flatnonzero(docs[:, 1] - docs[:, 0] > lo)  # documents with targets in this chunk
-        if adapters is not None:
-            adapters.select(torch.from_numpy(active).to(device))
-        x, y, valid, idx = _rows(tokens, docs[active], w0, hi, width)
-        first = lo - w0  # the chunk is the window's tail: logits for its positions only
-        scored, idx = valid[:, first:], idx[:, first:]
-        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        mask = torch.from_numpy(scored).to(device)
         train = adapters is not None and c < n_chunks - 1
-        with torch.set_grad_enabled(train):
-            nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast, first)
-        meter.update(nats.detach()[mask], torch.from_numpy(byte_counts[idx[scored] + 1]).to(device))
-        scored_tokens += int(scored.sum())
-        if token_nats is not None:
-            token_nats[idx[scored]] = nats.detach()[mask].double().cpu().numpy()
         if train:
-            per_doc = (nats * mask).sum(1) / mask.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
-            per_doc.sum().backward()
+        # rows are independent (own adapter, own loss term), so splitting them into passes that
+        # accumulate gradients is exact and bounds activation memory
+        per_pass = max(1, s.micro_tokens // width)
+        for g0 in range(0, len(active), per_pass):
+            rows = active[g0 : g0 + per_pass]
+            if adapters is not None:
+                adapters.select(torch.from_numpy(rows).to(device))
+            x, y, valid, idx = _rows(tokens, docs[rows], w0, hi, width)
+            first = lo - w0  # the chunk is the window's tail: logits for its positions only
+            scored, idx = valid[:, first:], idx[:, first:]
+            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            mask = torch.from_numpy(scored).to(device)
+            with torch.set_grad_enabled(train):
+                nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast, first)
+            meter.update(nats.detach()[mask], torch.from_numpy(byte_counts[idx[scored] + 1]).to(device))
+            scored_tokens += int(scored.sum())
+            if token_nats is not None:
+                token_nats[idx[scored]] = nats.detach()[mask].double().cpu().numpy()
+            if train:
+                ((nats * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
+        if train:
             opt.step()
     return scored_tokens
 
@@ -266,8 +276,10 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
             mine = np.array(batch[slice(*rank_range(len(batch), rank, world))], dtype=np.int64).reshape(-1, 2)
             opt.zero_grad(set_to_none=False)
             count = torch.zeros((), device=device, dtype=torch.float64)
-            if len(mine):
-                x, y, valid, _ = _rows(tokens, mine, 0, s.seq_len, int((mine[:, 1] - mine[:, 0]).max()))
+            width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
+            per_pass = max(1, s.micro_tokens // width)
+            for g0 in range(0, len(mine), per_pass):
+                x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
                 mask = torch.from_numpy(valid).to(device)
                 nats = _nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), None, autocast)
                 (nats * mask).sum().backward()
@@ -316,6 +328,9 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                     adapters.reset(s.seed * 1_000_003 + k * 65_537 + i)
                 scored += score_batch(model, adapters, tokens, docs[batches[i]], byte_counts, s, meter, device,
                                       autocast, token_nats)
+                if log and i % 8 == 0:  # the longest documents come first: early batches are the slow ones
+                    log(f"ttt_progress phase:{k + 1}/{len(phases)} batch:{i + 1}/{len(batches)} "
+                        f"elapsed:{time.perf_counter() - t0:.1f}s")
             done.extend(b for batch in batches for b in batch)
             if k < len(phases) - 1:
                 if adapters is not None:

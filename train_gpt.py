@@ -47,7 +47,7 @@ from quant import export
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
 from quant.hessian import HessianCollector
 from quant.int8 import pack_int8, unpack_int8
-from quant.pack import code_bytes as packed_code_bytes
+from quant.pack import packed_trainer
 from quant.serialize import serialize
 
 
@@ -465,6 +465,19 @@ def param_kind(name: str, p: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- training
+def grad_accum_steps(cfg, world: int) -> int:
+    """Micro-steps per optimizer step: GRAD_ACCUM_STEPS, or 8 // world (the 8-GPU math on fewer GPUs;
+    1 above 8 GPUs, e.g. two nodes). The global batch must split evenly into rank micro-batches."""
+    accum = cfg.grad_accum_steps or max(1, 8 // world)
+    if cfg.grad_accum_steps == 0 and world < 8 and 8 % world:
+        raise KnobError(f"WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
+    micro = world * accum * cfg.train_seq_len
+    if cfg.train_batch_tokens % micro:
+        raise KnobError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must divide by WORLD_SIZE*GRAD_ACCUM_STEPS*"
+                        f"TRAIN_SEQ_LEN={world}*{accum}*{cfg.train_seq_len}={micro}")
+    return accum
+
+
 def compile_model(model: GPT, mode: str):
     """What the training and validation steps call. `model` traces the whole forward (one graph per
     layer order: unlooped and looped); `blocks` compiles call_block and the loss only, so all
@@ -490,18 +503,38 @@ def compile_model(model: GPT, mode: str):
 TITLE = __doc__.strip().splitlines()[0]
 
 
+def record_lr_scale(cfg, progress: float) -> float:
+    return lr_schedule(progress, cfg.warmdown_frac, cfg.min_lr)
+
+
+def record_loader(cfg, *args) -> PackedLoader:
+    return PackedLoader(*args)
+
+
+def record_runtime(cfg, device, model, opt, log):
+    """(autocast context of training and evaluation, what a training loss becomes before backward):
+    bf16 on CUDA, none on CPU; the loss as it is (the research trainer scales it for fp16)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"), None
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What a trainer script plugs into main(): its knobs, its model class, how its parameters are
     grouped for the optimizer, and its own file (logged, and packed for the code bytes). The research
     trainer passes its extended versions, and `resolve`, which fills knobs a preset implies (the log
-    shows the resolved values); the loop, evaluation and export are shared."""
+    shows the resolved values); the loop, evaluation and export are shared. Its extension points:
+    `optimizer` (build_optimizer's signature), `lr_scale(cfg, progress)`, `loader(cfg, *PackedLoader
+    args)` and `runtime(cfg, device, model, opt, log)` -> (autocast context, loss scaling or None)."""
     knobs: tuple = KNOBS
     model: type = GPT
     classify: Callable[[str, torch.Tensor], str] = param_kind
     script: str = __file__
     title: str = TITLE
     resolve: Callable | None = None
+    optimizer: Callable = build_optimizer
+    lr_scale: Callable = record_lr_scale
+    loader: Callable = record_loader
+    runtime: Callable = record_runtime
 
 
 def main(recipe: Recipe = Recipe()) -> None:
@@ -513,13 +546,7 @@ def main(recipe: Recipe = Recipe()) -> None:
         cfg = recipe.resolve(cfg)
     info = dist.setup()
     device, cuda = info.device, info.device.type == "cuda"
-    accum = cfg.grad_accum_steps or max(1, 8 // info.world_size)
-    if cfg.grad_accum_steps == 0 and 8 % info.world_size:
-        raise KnobError(f"WORLD_SIZE={info.world_size} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
-    micro = info.world_size * accum * cfg.train_seq_len
-    if cfg.train_batch_tokens % micro:
-        raise KnobError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must divide by WORLD_SIZE*GRAD_ACCUM_STEPS*"
-                        f"TRAIN_SEQ_LEN={info.world_size}*{accum}*{cfg.train_seq_len}")
+    accum = grad_accum_steps(cfg, info.world_size)
     if cfg.parallel_final_lane not in ("mean", "attn", "mlp"):
         raise KnobError(f"PARALLEL_FINAL_LANE={cfg.parallel_final_lane!r}: expected mean, attn or mlp")
     use_compile = cuda if cfg.compile is None else cfg.compile
@@ -548,8 +575,8 @@ def main(recipe: Recipe = Recipe()) -> None:
                          f"{sidecar_pattern}: its pieces are transformed text, not the original bytes")
     byte_counts = target_bytes(val_tokens, counter, sidecar)
     log(f"val_bytes: {'byte sidecar ' + sidecar_pattern if sidecar is not None else 'tokenizer pieces'}")
-    loader = PackedLoader(str(data / "fineweb_train_*.bin"), cfg.train_seq_len, cfg.train_batch_tokens, accum,
-                          info.rank, info.world_size, device)
+    loader = recipe.loader(cfg, str(data / "fineweb_train_*.bin"), cfg.train_seq_len, cfg.train_batch_tokens,
+                           accum, info.rank, info.world_size, device)
     log(f"train_shards:{len(loader.paths)} val_tokens:{len(val_tokens)} tokenizer:{cfg.tokenizer_path}")
 
     # model and optimizer
@@ -564,9 +591,9 @@ def main(recipe: Recipe = Recipe()) -> None:
     log("layers: unlooped " + ",".join(map(str, layer_order(cfg, False))) +
         (" looped " + ",".join(map(str, layer_order(cfg, True))) if cfg.num_loops else ""))
     model = compile_model(base_model, cfg.compile_mode) if use_compile else base_model
-    opt = build_optimizer(dict(base_model.named_parameters()), recipe.classify, cfg, compile=use_compile)
+    opt = recipe.optimizer(dict(base_model.named_parameters()), recipe.classify, cfg, compile=use_compile)
     log("optimizer: " + opt.describe())
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
+    autocast, scale_loss = recipe.runtime(cfg, device, base_model, opt, log)
 
     def eval_loss(x, y):
         with autocast:
@@ -585,11 +612,11 @@ def main(recipe: Recipe = Recipe()) -> None:
         for x, y in loader.next_batch():
             with autocast:
                 loss = model(x, y, docs=base_model.doc_info(x))
-            (loss / accum).backward()
+            (loss / accum if scale_loss is None else scale_loss(loss / accum)).backward()
             total += loss.detach() / accum
         momentum = momentum_warmup(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
                                    cfg.muon_momentum_warmup_steps)
-        opt.step(lr_schedule(progress, cfg.warmdown_frac, cfg.min_lr), momentum)
+        opt.step(recipe.lr_scale(cfg, progress), momentum)
         return total
 
     def sync():
@@ -691,7 +718,8 @@ def main(recipe: Recipe = Recipe()) -> None:
         calib_s = time.perf_counter() - t0
         log(f"gptq_calibration batches:{cfg.gptq_calibration_batches} ranks:{info.world_size} time:{calib_s:.1f}s")
     loader.close()
-    code_bytes = packed_code_bytes(recipe.script)
+    trainer = packed_trainer(recipe.script)
+    code_bytes = len(trainer)
     t0 = time.perf_counter()
     label, blob, over_cap, fit_steps = export_label(cfg), b"", None, []
     if info.is_main:
@@ -717,6 +745,7 @@ def main(recipe: Recipe = Recipe()) -> None:
         if hessians is not None:
             (log_dir / f"{run_id}_hessians.bin").write_bytes(serialize({k: v.cpu() for k, v in hessians.items()}))
         (log_dir / f"{run_id}_model.{cfg.quant_method}.bin").write_bytes(blob)
+        (log_dir / f"{run_id}_trainer.py").write_bytes(trainer)  # the code bytes counted, for record folders
     t0 = time.perf_counter()
     base_model.load_state_dict(unpack_int8(blob) if cfg.quant_method == "int8" else export.unpack(blob))
     q_loss, q_bpb = validate()

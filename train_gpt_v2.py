@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 from data.shards import BOS_ID
-from golf import dist, v2_experts
+from golf import budget, dist, precision, v2_experts, v2_optim
 from golf.attention import segment_ids_from_starts, segment_starts
 from golf.config import Config, Knob, KnobError
+from golf.loader import PackedLoader
 from golf.moe import MoEMLP
 from golf.som_router import EXPERT_INITS, QUERY_KINDS, SOMSettings, update_all_keys
 from golf.v2_attention import Variant, alibi_slopes, attend_variant, variant_docs
@@ -78,6 +79,31 @@ V2_KNOBS = (
     Knob("SOM_DECAY_WARMUP", int, _SOM.decay_warmup, "som: key updates before decay starts"),
     Knob("SOM_DECAY_COEF", float, _SOM.decay_coef, "som: step toward the recent query"),
     Knob("SOM_MAX_SAVED", int, _SOM.max_saved, "som: tokens per rank kept from a training forward for the key updates"),
+    # optimizer of the block matrices (golf/v2_optim.py); embeddings and scalars keep AdamW
+    Knob("MATRIX_OPTIMIZER", str, "muon", "muon (MATRIX_LR, MUON_*), adamw, lion or adafactor (factored second moment)"),
+    Knob("ADAMW_MATRIX_LR", float, 0.002, "adamw: learning rate of the matrices"),
+    Knob("ADAMW_MATRIX_BETA1", float, 0.9, "adamw: beta1 of the matrices"),
+    Knob("ADAMW_MATRIX_BETA2", float, 0.95, "adamw: beta2 of the matrices"),
+    Knob("ADAMW_MATRIX_WD", float, 0.1, "adamw: decoupled weight decay of the matrices"),
+    Knob("LION_LR", float, 0.0003, "lion: learning rate (every coordinate moves by lr: 3-10x below AdamW's)"),
+    Knob("LION_BETA1", float, 0.9, "lion: interpolation of momentum and gradient whose sign is the update"),
+    Knob("LION_BETA2", float, 0.99, "lion: momentum decay"),
+    Knob("LION_WD", float, 0.3, "lion: decoupled weight decay (3-10x AdamW's, as the LR is smaller)"),
+    Knob("ADAFACTOR_LR", float, 0.01, "adafactor: learning rate (absolute: no relative step, no parameter scaling)"),
+    Knob("ADAFACTOR_BETA1", float, 0.0, "adafactor: momentum of the update; 0: none (the memory-light default)"),
+    Knob("ADAFACTOR_DECAY", float, -0.8, "adafactor: second-moment decay b2_t = 1 - t^DECAY"),
+    Knob("ADAFACTOR_CLIP", float, 1.0, "adafactor: the update's RMS is clipped to this"),
+    Knob("ADAFACTOR_WD", float, 0.0, "adafactor: decoupled weight decay"),
+    # schedule and budget (golf/budget.py)
+    Knob("LR_WARMUP_FRAC", float, 0.0, "linear LR warmup from 0 over this fraction of the budget (not WARMUP_STEPS' compile priming)"),
+    Knob("WARMDOWN_SHAPE", str, "linear", "warmdown over WARMDOWN_FRAC: linear (the record), cosine or sqrt (1-sqrt), down to MIN_LR"),
+    Knob("BUDGET_TYPE", str, "time", "time (MAX_WALLCLOCK_SECONDS), steps (ITERATIONS), tokens (BUDGET_TOKENS) or flops (BUDGET_FLOPS)"),
+    Knob("BUDGET_TOKENS", int, 0, "tokens: training tokens; ITERATIONS becomes BUDGET_TOKENS // TRAIN_BATCH_TOKENS"),
+    Knob("BUDGET_FLOPS", float, 0.0, "flops: training FLOPs (6 x active params + attention per token); sets ITERATIONS"),
+    Knob("MAX_TRAIN_TOKENS_DISTINCT", int, 0, "train on only the first N tokens of the train stream, repeated in epochs; 0: all"),
+    # precision and memory (golf/precision.py)
+    Knob("AMP_DTYPE", str, "auto", "auto (bf16 on CUDA if supported, else fp16 with loss scaling; none on CPU), bf16 or fp16"),
+    Knob("CUDA_MEMORY_FRACTION", float, 0.0, "cap the CUDA allocator at this fraction of the GPU (a 24 GB card on a bigger one); 0: none"),
 )
 KNOBS = tg.KNOBS + V2_KNOBS
 ACTIVATIONS = ("leaky_relu2", "relu2", "gelu", "swiglu")
@@ -113,12 +139,18 @@ def inert_reason(cfg: Config, name: str) -> str | None:
         return f"POS_ENCODING={cfg.pos_encoding}"
     if name == "ATTN_GATE_TYPE" and not cfg.sparse_attn_gate_enabled:
         return "SPARSE_ATTN_GATE_ENABLED=0"
+    for kind, names in v2_optim.OPTIMIZER_KNOBS.items():
+        if name in names and cfg.matrix_optimizer != kind:
+            return f"MATRIX_OPTIMIZER={cfg.matrix_optimizer}"
+    if name in ("BUDGET_TOKENS", "BUDGET_FLOPS") and cfg.budget_type != name[7:].lower():
+        return f"BUDGET_TYPE={cfg.budget_type}"
     return None
 
 
-def resolve(cfg: Config) -> Config:
+def resolve(cfg: Config, budget_steps: bool = True) -> Config:
     """ARCH_FAMILY's values for the knobs left at their defaults, MoE's TTT targets, then every check
-    that needs several knobs. Idempotent: GPTv2 calls it too, so a model built from parsed knobs is right."""
+    that needs several knobs, then (`budget_steps`) the step count of a steps / tokens / FLOPs budget.
+    Idempotent: GPTv2 calls it too (without the budget), so a model built from parsed knobs is right."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name.lower()) not in allowed:
             raise KnobError(f"{name}={getattr(cfg, name.lower())!r}: expected one of {', '.join(allowed)}")
@@ -149,6 +181,17 @@ def resolve(cfg: Config) -> Config:
         raise KnobError("BIAS=1 with FUSED_MLP=1: the fused kernel has no bias; unset one of them")
     if cfg.moe_experts:
         v2_experts.parse_layers(cfg.moe_layers, cfg.num_layers)
+    v2_optim.check(cfg)
+    budget.lr_scale(0.0, cfg.warmdown_frac, cfg.min_lr, cfg.lr_warmup_frac, cfg.warmdown_shape)  # checks
+    precision.choose_dtype(cfg.amp_dtype, torch.device("cpu"))
+    if cfg.max_train_tokens_distinct < 0:
+        raise KnobError(f"MAX_TRAIN_TOKENS_DISTINCT={cfg.max_train_tokens_distinct}: expected >= 0 (0: all)")
+    if not 0.0 <= cfg.cuda_memory_fraction <= 1.0:
+        raise KnobError(f"CUDA_MEMORY_FRACTION={cfg.cuda_memory_fraction}: expected a fraction in [0, 1] (0: no cap)")
+    if budget_steps and not str(cfg.sources["ITERATIONS"]).startswith("BUDGET_TYPE"):
+        more, how = budget.resolve_budget(cfg, GPTv2)
+        if more:
+            cfg = Config({**cfg.as_dict(), **more}, {**cfg.sources, **how})
     return cfg
 
 
@@ -253,7 +296,7 @@ class GPTv2(tg.GPT):
     block = BlockV2
 
     def __init__(self, cfg):
-        cfg = resolve(cfg)
+        cfg = resolve(cfg, budget_steps=False)
         super().__init__(cfg)
         self.norm = NORMS[cfg.norm_type]
         if cfg.pos_encoding == "learned":
@@ -321,8 +364,53 @@ def param_kind(name: str, p: torch.Tensor) -> str:
     return tg.param_kind(name, p)
 
 
+# ----------------------------------------------------------------------------- training hooks
+def lr_scale(cfg, progress: float) -> float:
+    return budget.lr_scale(progress, cfg.warmdown_frac, cfg.min_lr, cfg.lr_warmup_frac, cfg.warmdown_shape)
+
+
+class RepeatedLoader(PackedLoader):
+    """PackedLoader over only the first `distinct` tokens of the stream: its wrap-around then repeats
+    them, epoch after epoch (MAX_TRAIN_TOKENS_DISTINCT, data-repetition studies)."""
+
+    def __init__(self, distinct: int, *args):
+        self.distinct = distinct
+        super().__init__(*args)
+
+    def _start(self, step: int) -> None:
+        self.total = min(self.total, self.distinct)  # before the prefetch thread reads anything
+        super()._start(step)
+
+
+def loader(cfg, *args) -> PackedLoader:
+    if cfg.max_train_tokens_distinct:
+        return RepeatedLoader(cfg.max_train_tokens_distinct, *args)
+    return PackedLoader(*args)
+
+
+def runtime(cfg, device, model, opt, log):
+    """AMP_DTYPE's autocast (and fp16's loss scaling), CUDA_MEMORY_FRACTION's cap; each logged."""
+    line = precision.apply_memory_fraction(cfg.cuda_memory_fraction, device)
+    if line:
+        log(line)
+    dtype = precision.choose_dtype(cfg.amp_dtype, device)
+    if dtype is None:
+        return torch.autocast(device_type=device.type, enabled=False), None
+    autocast = torch.autocast(device_type=device.type, dtype=dtype)
+    if dtype != torch.float16:
+        if cfg.amp_dtype != "auto" or device.type != "cuda":
+            log(f"amp_dtype:{cfg.amp_dtype} autocast:bfloat16")
+        return autocast, None
+    scaler = precision.LossScaler()
+    scaler.wrap(opt)
+    log(f"amp_dtype:{cfg.amp_dtype} autocast:float16 loss_scale:{scaler.scale:g}"
+        + (" (this GPU has no bf16)" if cfg.amp_dtype == "auto" else ""))
+    return autocast, scaler.scale_loss
+
+
 RECIPE = tg.Recipe(knobs=KNOBS, model=GPTv2, classify=param_kind, script=__file__,
-                   title=__doc__.strip().splitlines()[0], resolve=resolve)
+                   title=__doc__.strip().splitlines()[0], resolve=resolve, optimizer=v2_optim.build,
+                   lr_scale=lr_scale, loader=loader, runtime=runtime)
 
 if __name__ == "__main__":
     dist.run_main(lambda: tg.main(RECIPE))

@@ -5,12 +5,15 @@ rank's local means) and `OptimizerSet.step` does all communication.
 
 API
 ---
-    opt = build_optimizer(named_params, classify, hp, compile=False)
+    opt = build_optimizer(named_params, classify, hp, compile=False, matrix_optimizer=None)
         named_params: dict[str, Parameter]  (the same order on every rank, e.g. dict(model.named_parameters()))
         classify(name, param) -> "matrix" | "embed" | "scalar"  ("matrix": 2-D, or a 3-D stack such as MoE
             experts [E, rows, cols], whose E matrices each get their own Muon update)
         hp: object with matrix_lr, scalar_lr, tied_embed_lr, muon_wd, embed_wd, adam_wd, beta1, beta2,
             adam_eps, muon_backend_steps, muon_row_normalize, grad_clip_norm
+        matrix_optimizer: None (Muon), or a factory list[Parameter] -> torch.optim.Optimizer whose param
+            groups carry "base_lr" (the research trainer's AdamW / Lion / Adafactor): the matrices are then
+            replicated like the AdamW params (one all-reduce, clipped with the rest) and stepped by it
     grad_norm = opt.step(lr_scale, muon_momentum)  # 0-d tensor: global grad norm before clipping
     snap = opt.state_dict(); ...; opt.load_state_dict(snap)  # per-rank snapshot (compile-priming reset)
 
@@ -34,7 +37,8 @@ One optimizer step, in order
    all matrices: same inputs and elementwise ops on every rank, so parameters stay identical, and the
    bf16 gather moves half the bytes of gathering fp32 parameters.
 5. AdamW (decoupled weight decay p <- p * (1 - lr * wd)) on the replicated params, overlapping step 4's
-   gathers.
+   gathers. With a `matrix_optimizer` the matrices are replicated params too (steps 1 and 4 have no
+   groups) and that optimizer steps them here, at its base_lr x lr_scale.
 6. All grads are set to None. A parameter without a grad counts as a zero grad, so every rank always
    issues the same collectives.
 A single process runs the same code with the collectives skipped.
@@ -165,7 +169,7 @@ class OptimizerSet:
     """Muon (sharded) + AdamW behind one `step`; built by `build_optimizer` (see the module docstring)."""
 
     def __init__(self, matrices: list[tuple[str, Tensor]], embeds: list[tuple[str, Tensor]],
-                 scalars: list[tuple[str, Tensor]], hp, compile: bool = False):
+                 scalars: list[tuple[str, Tensor]], hp, compile: bool = False, matrix_optimizer=None):
         self.world = _world_size()
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.matrix_lr, self.muon_wd = float(hp.matrix_lr), float(hp.muon_wd)
@@ -177,6 +181,11 @@ class OptimizerSet:
         self._momentum_t = torch.zeros((), dtype=torch.float32)  # CPU 0-d: no recompiles, no H2D copy
         self._update = torch.compile(muon_shard_update, dynamic=False, fullgraph=True) if compile \
             else muon_shard_update
+        self.matrix_opt = None
+        if matrix_optimizer is not None and matrices:
+            # the matrices join the replicated params: averaged by the one all-reduce, clipped with the rest
+            self.matrix_opt = matrix_optimizer([p for _, p in matrices])
+        handed_over, matrices = (matrices, []) if self.matrix_opt is not None else ([], matrices)
 
         # matrices grouped by (shape, dtype, device), in first-seen order (the same on every rank); a 3-D
         # parameter (MoE experts [E, rows, cols]) is E matrices, each with its own Muon update
@@ -199,7 +208,7 @@ class OptimizerSet:
                                             torch.zeros((shard, *shape), dtype=dtype, device=device), gathered))
 
         # replicated params: one flat fp32 buffer, last slot carries the matrix part of the squared norm
-        self.replicated = [p for _, p in embeds + scalars]
+        self.replicated = [p for _, p in handed_over + embeds + scalars]
         self._flat = torch.zeros(sum(p.numel() for p in self.replicated) + 1, dtype=torch.float32,
                                  device=self.device)
         self._flat_views, off = [], 0
@@ -221,8 +230,12 @@ class OptimizerSet:
         mats = " ".join(f"{len(g.params)}x{g.shape[0]}x{g.shape[1]}" for g in self.groups)
         adam = " ".join(f"{len(g['params'])}@lr{g['base_lr']:g}/wd{g['weight_decay']:g}"
                         for g in self.adam.param_groups) if self.adam else "-"
-        return (f"muon[{mats or '-'}] row_normalize:{int(self.row_norm)} steps:{self.backend_steps} "
-                f"adamw[{adam}] world:{self.world}")
+        if self.matrix_opt is not None:
+            g = self.matrix_opt.param_groups[0]
+            first = f"{type(self.matrix_opt).__name__.lower()}[{len(g['params'])}@lr{g['base_lr']:g}]"
+        else:
+            first = f"muon[{mats or '-'}] row_normalize:{int(self.row_norm)} steps:{self.backend_steps}"
+        return f"{first} adamw[{adam}] world:{self.world}"
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -277,12 +290,16 @@ class OptimizerSet:
                 updates.append(upd)
 
         # 5. AdamW on the replicated params; their grads are the reduced views of the flat buffer
+        for p, v in zip(self.replicated, self._flat_views):
+            p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
         if self.adam is not None:
-            for p, v in zip(self.replicated, self._flat_views):
-                p.grad = v if v.dtype == p.dtype else v.to(p.dtype)
             for group in self.adam.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
             self.adam.step()
+        if self.matrix_opt is not None:
+            for group in self.matrix_opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+            self.matrix_opt.step()
 
         for w in gathers:
             w.wait()
@@ -300,7 +317,8 @@ class OptimizerSet:
         """A snapshot (tensors copied) of this rank's state: its momentum shards and the AdamW state."""
         return {"world_size": self.world,
                 "muon_momentum": [g.momentum.clone() for g in self.groups],
-                "adam": copy.deepcopy(self.adam.state_dict()) if self.adam else None}
+                "adam": copy.deepcopy(self.adam.state_dict()) if self.adam else None,
+                "matrix_opt": copy.deepcopy(self.matrix_opt.state_dict()) if self.matrix_opt else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a snapshot from `state_dict` of this optimizer (same world size and parameters); the
@@ -318,11 +336,14 @@ class OptimizerSet:
         if self.adam is not None:
             # a copy: torch's load_state_dict may keep the given tensors and step them in place later
             self.adam.load_state_dict(copy.deepcopy(state["adam"]))
+        if self.matrix_opt is not None:
+            self.matrix_opt.load_state_dict(copy.deepcopy(state["matrix_opt"]))
 
 
 def build_optimizer(named_params: dict[str, nn.Parameter], classify: Callable[[str, nn.Parameter], str], hp,
-                    compile: bool = False) -> OptimizerSet:
-    """Splits parameters by `classify` into Muon matrices and AdamW embed/scalar groups.
+                    compile: bool = False, matrix_optimizer=None) -> OptimizerSet:
+    """Splits parameters by `classify` into Muon matrices and AdamW embed/scalar groups (or, with
+    `matrix_optimizer`, matrices stepped by the optimizer it builds; see the module docstring).
     `compile` wraps the per-shard Muon math in torch.compile: one graph per matrix shape, so keep the
     number of distinct shapes under dynamo's recompile limit (8 by default)."""
     missing = [f for f in _HP_FIELDS if not hasattr(hp, f)]
@@ -355,7 +376,8 @@ def build_optimizer(named_params: dict[str, nn.Parameter], classify: Callable[[s
     devices = {p.device for ps in parts.values() for _, p in ps}
     if len(devices) > 1:
         raise ValueError(f"build_optimizer: parameters on several devices {sorted(map(str, devices))}")
-    return OptimizerSet(parts["matrix"], parts["embed"], parts["scalar"], hp, compile=compile)
+    return OptimizerSet(parts["matrix"], parts["embed"], parts["scalar"], hp, compile=compile,
+                        matrix_optimizer=matrix_optimizer)
 
 
 # ----------------------------------------------------------------------------- EMA

@@ -211,6 +211,13 @@ def _trainer_bytes(logs: list[ParsedLog], trainer: Path | None) -> bytes:
     if trainer is not None:
         data = trainer.read_bytes()
         return data if data.startswith(b'D="') else pack(trainer)
+    saved = [log.path.with_name(log.path.stem + "_trainer.py") for log in logs]
+    if all(p.is_file() for p in saved):  # the bytes each run counted (packing depends on the Python version)
+        kept = {p.read_bytes() for p in saved}
+        if len(kept) > 1:
+            raise RecordError(f"the seed runs saved different packed trainers ({', '.join(map(str, saved))}); "
+                              "a record's seeds share one trainer")
+        return kept.pop()
     sources = [embedded_sources(log.path) for log in logs]
     for log, other in zip(logs[1:], sources[1:]):
         changed = sorted(k for k in set(other) | set(sources[0]) if other.get(k) != sources[0].get(k))
@@ -322,7 +329,8 @@ def new_record(log_dir: Path, name: str, track: str = TRACKS[0], run_ids: list[s
     code = _trainer_bytes(logs, trainer)
     if len(code) != numbers["bytes_code"]:
         raise RecordError(f"the trainer packs to {len(code)} bytes but the logs say `Code size: "
-                          f"{numbers['bytes_code']} bytes`: it is not the code that ran (was quant/pack.py changed?)")
+                          f"{numbers['bytes_code']} bytes`: it is not the code that ran (packed by another Python version, or "
+                          "quant/pack.py changed?); pass the run's <RUN_ID>_trainer.py as --trainer")
     for log in logs:
         check_artifact(log.code_bytes, log.model_bytes)
     meta = {"author": "TODO: author", "github_id": "TODO: github id", "name": name.replace("_", " "),

@@ -60,6 +60,8 @@ _STANDIN = '''import os
 def packed_script():return __loader__.packed
 def running_packed():return True
 def code_bytes(entry_file=None):return os.path.getsize(__loader__.packed)
+def packed_trainer(entry_file=None):
+ with open(__loader__.packed,"rb") as f:return f.read()
 '''
 _OWN_FILE = Path(__file__).resolve()
 
@@ -74,9 +76,16 @@ def running_packed() -> bool:
     return packed_script() is not None
 
 
+def packed_trainer(entry_file: str | Path) -> bytes:
+    """The code half of the artifact. In a packed run, that file's own bytes (whatever entry_file
+    says); otherwise pack(entry_file), packed now (~0.3 s). The minified text depends on the Python
+    version (ast.unparse), so a run keeps these bytes: they are the code it counted."""
+    packed = packed_script()
+    return Path(packed).read_bytes() if packed else pack(entry_file)
+
+
 def code_bytes(entry_file: str | Path) -> int:
-    """The code half of the artifact: the packed script's size. In a packed run, that file's own size
-    (whatever entry_file says); otherwise the size pack(entry_file) gives, packing it now (~0.3 s)."""
+    """The packed trainer's size (packed_trainer)."""
     packed = packed_script()
     return os.path.getsize(packed) if packed else len(pack(entry_file))
 
@@ -160,9 +169,53 @@ def _first_line(doc: str) -> str:
     return lines[0] if lines else ""
 
 
+_CONVERSIONS = {ord("r"): "repr", ord("s"): "str", ord("a"): "ascii"}
+
+
+def _quotes_inside(node: ast.JoinedStr) -> bool:
+    """Whether an f-string's expressions hold string literals (or f-strings) of their own."""
+    values = [v for v in node.values if isinstance(v, ast.FormattedValue)]
+    return any(isinstance(n, ast.JoinedStr) or (isinstance(n, ast.Constant) and isinstance(n.value, str))
+               for v in values for n in ast.walk(v.value)) \
+        or any(v.format_spec is not None and _quotes_inside(v.format_spec) for v in values)
+
+
+class _PortableFStrings(ast.NodeTransformer):
+    """Python 3.12's ast.unparse writes f"{'a' if c else 'b'}" with the outer quotes reused inside,
+    which only 3.12+ can read: a trainer packed there would not run on 3.11. F-strings whose
+    expressions hold string literals become ''.join((..., format(x, spec), ...)), the same value."""
+
+    def visit_FormattedValue(self, node: ast.FormattedValue) -> ast.AST:
+        node.value = self.visit(node.value)  # a format spec must stay an f-string while its owner is one
+        return node
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST:
+        self.generic_visit(node)
+        return self._join(node) if _quotes_inside(node) else node
+
+    def _join(self, node: ast.JoinedStr) -> ast.AST:
+        parts = []
+        for v in node.values:
+            if not isinstance(v, ast.FormattedValue):
+                parts.append(v)
+                continue
+            value = v.value
+            if v.conversion in _CONVERSIONS:
+                value = ast.Call(ast.Name(_CONVERSIONS[v.conversion], ast.Load()), [value], [])
+            spec = v.format_spec
+            if spec is not None and _quotes_inside(spec):
+                spec = self._join(spec)
+            parts.append(ast.Call(ast.Name("format", ast.Load()), [value] + ([spec] if spec else []), []))
+        join = ast.Attribute(ast.Constant(""), "join", ast.Load())
+        return ast.copy_location(ast.Call(join, [ast.Tuple(parts, ast.Load())], []), node)
+
+
 def strip_tree(tree: ast.Module) -> ast.Module:
-    """Removes docstrings and other bare string statements (in place). A module that reads __doc__
-    keeps the first line of its docstring, so `__doc__.strip().splitlines()[0]` still works."""
+    """Removes docstrings and other bare string statements (in place), and rewrites f-strings that
+    3.12's unparse would make unreadable to older Pythons. A module that reads __doc__ keeps the
+    first line of its docstring, so `__doc__.strip().splitlines()[0]` still works."""
+    _PortableFStrings().visit(tree)
+    ast.fix_missing_locations(tree)
     doc = ast.get_docstring(tree, clean=False)
     reads_doc = any(isinstance(n, ast.Name) and n.id == "__doc__" for n in ast.walk(tree))
     for node in ast.walk(tree):

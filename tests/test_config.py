@@ -75,3 +75,20 @@ def test_trainer_rejects_misspelling_before_training(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "NUM_LAYRES": "4", "LOG_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "did you mean NUM_LAYERS" in out.stderr
+
+
+@pytest.mark.parametrize("world,accum", [(1, 8), (2, 4), (8, 1), (16, 1), (24, 1)])
+def test_any_world_size_keeps_the_global_batch(world, accum):
+    """The same 786,432 tokens per step on 1 GPU, 8 GPUs or two 8-GPU nodes, split into rank micro-batches."""
+    import train_gpt as tg
+    cfg = parse_knobs(tg.KNOBS, {})
+    assert tg.grad_accum_steps(cfg, world) == accum
+    assert cfg.train_batch_tokens % (world * accum * cfg.train_seq_len) == 0
+
+
+def test_world_sizes_that_cannot_split_the_batch_are_refused():
+    import train_gpt as tg
+    with pytest.raises(KnobError, match="does not divide 8"):
+        tg.grad_accum_steps(parse_knobs(tg.KNOBS, {}), 3)
+    with pytest.raises(KnobError, match="TRAIN_BATCH_TOKENS=786432 must divide"):
+        tg.grad_accum_steps(parse_knobs(tg.KNOBS, {}), 10)  # 10 x 2048 does not divide 786,432

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -378,7 +379,9 @@ class RepeatedLoader(PackedLoader):
         super().__init__(*args)
 
     def _start(self, step: int) -> None:
-        self.total = min(self.total, self.distinct)  # before the prefetch thread reads anything
+        # before the prefetch thread reads anything: the stream (and each shard's span) ends at `distinct`
+        self.total = min(self.total, self.distinct)
+        self.starts = np.minimum(self.starts, self.total)
         super()._start(step)
 
 

@@ -366,6 +366,13 @@ def _add_lqer(qm: QuantizedModel, mats: dict[str, _Matrix], W_hat: dict[str, tor
         qm.lqer.append(name)
 
 
+def lqer_bytes(qm: QuantizedModel) -> int:
+    """An upper bound on what dropping all of qm's LQER corrections saves: their arrays uncompressed,
+    plus 512 bytes each for their array headers and meta entries."""
+    raw = sum(qm.arrays[f"{name}{_SEP}{p}"].numel() for name in qm.lqer for p in ("la", "lb", "ls"))
+    return raw + 512 * len(qm.lqer)
+
+
 def drop_last_lqer(qm: QuantizedModel) -> QuantizedModel:
     """A copy of qm without its lowest-ranked LQER correction (no re-quantization needed)."""
     if not qm.lqer:
@@ -469,8 +476,8 @@ def fit_to_budget(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torc
                   qs: QuantSettings, code_bytes: int, cap: int = ARTIFACT_CAP, log: Callable[[str], Any] = print,
                   max_steps: int = 40) -> tuple[bytes, QuantSettings, list[dict], QuantizedModel]:
     """Quantize and pack; while code + model bytes exceed cap, first drop LQER corrections one at a
-    time (lowest-ranked first; no re-quantization), then widen every SD-clip by 1.04x per step
-    (coarser grid, fewer bytes; re-quantizes). Returns (blob, settings used, steps, the packed
+    time (lowest-ranked first; no re-quantization) if together they are at least the overshoot, then
+    widen every SD-clip by 1.04x per step (coarser grid, fewer bytes; re-quantizes). Returns (blob, settings used, steps, the packed
     QuantizedModel); raises
     ArtifactTooLarge, saying by how many bytes, if it does not fit after max_steps changes."""
     qm = quantize_state(state, hessians, qs)
@@ -486,20 +493,23 @@ def fit_to_budget(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torc
             + (f"over:{total - cap}" if total > cap else "fits"))
 
     record("initial")
+    # decided once: drop corrections only if all of them could close the initial overshoot
+    may_drop = lqer_bytes(qm) >= code_bytes + len(blob) - cap
     while code_bytes + len(blob) > cap:
         if len(steps) > max_steps:
             over = code_bytes + len(blob) - cap
             raise ArtifactTooLarge(f"fit_to_budget: still {over} bytes over the {cap}-byte cap after {max_steps} "
                                    f"steps (code {code_bytes} + model {len(blob)} bytes; clips at "
                                    f"{clip_scale:.3f}x, LQER top_k {qs.lqer_top_k})")
-        if qm.lqer:
+        if qm.lqer and may_drop:
             dropped = qm.lqer[-1]
             qm = drop_last_lqer(qm)
             qs = dataclasses.replace(qs, lqer_top_k=len(qm.lqer))
             change = f"drop_lqer:{dropped} lqer_top_k:{qs.lqer_top_k}"
         else:
-            # lqer_top_k 0 from here on: none was chosen or all were dropped, and qs must say so
-            qs = dataclasses.replace(qs.wider_clips(_FIT_CLIP_FACTOR), lqer_top_k=0)
+            # the corrections left stay (qs must say how many): when even all of them are fewer bytes
+            # than the overshoot, dropping them would cost their accuracy and still need wider clips
+            qs = dataclasses.replace(qs.wider_clips(_FIT_CLIP_FACTOR), lqer_top_k=len(qm.lqer))
             clip_scale *= _FIT_CLIP_FACTOR
             qm = quantize_state(state, hessians, qs)
             change = f"clips_x{clip_scale:.4f}"

@@ -13,7 +13,7 @@ from data.shards import load_stream
 from quant.artifact import ArtifactTooLarge
 from quant.compress import METHODS, compress, decompress
 from quant.export import (ArtifactDamaged, QuantSettings, describe, dequantize_model, drop_last_lqer,
-                          fit_to_budget, ordered_arrays, pack, quantize_state, tensor_class, unpack)
+                          fit_to_budget, lqer_bytes, ordered_arrays, pack, quantize_state, tensor_class, unpack)
 from quant.gptq import dequantize, gptq_quantize, quant_error, rtn_quantize
 from quant.hessian import HessianCollector
 from quant.intk import decode_intk
@@ -308,6 +308,16 @@ def test_fit_drops_lqer_then_widens_clips(model_state, qm, blob):
     assert qs_used.embed_clip_sigmas == pytest.approx(14.0 * 1.04 ** n_clip)
     assert len(lines) == len(steps) and "fits" in lines[-1] and "over:" in lines[0]
     assert unpack(out).keys() == state.keys()
+
+
+def test_fit_keeps_lqer_when_dropping_it_cannot_close_the_gap(model_state, qm, blob):
+    state, hessians = model_state
+    assert qm.lqer and QS.lqer_top_k == len(qm.lqer)
+    cap = CODE_BYTES + len(blob) - lqer_bytes(qm) - 1  # more over than all corrections weigh
+    out, qs_used, steps, qm_used = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=cap, log=lambda s: None)
+    assert CODE_BYTES + len(out) <= cap
+    assert all(s["change"].startswith("clips_x") for s in steps[1:]) and len(steps) > 1
+    assert qs_used.lqer_top_k == QS.lqer_top_k and len(qm_used.lqer) == QS.lqer_top_k
 
 
 def test_fit_that_already_fits_changes_nothing(model_state, blob):

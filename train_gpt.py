@@ -754,13 +754,15 @@ def main(recipe: Recipe = Recipe()) -> None:
     log(f"final_{stage}_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
     stages[stage] = {"val_loss": q_loss, "val_bpb": q_bpb, "gap_vs_prequant": q_bpb - pre_bpb}
     stages.update(final_stages(cfg, base_model, val_tokens, byte_counts, validate, autocast, device, log))
+    eval_s = time.perf_counter() - t0
+    log(f"eval_total_time:{eval_s:.1f}s (artifact deserialization and every scored stage, compile warm-ups included)")
 
     if info.is_main:
         write_summary(log_dir / f"{run_id}.json", {
             **meta, "run_id": run_id, "trainer": Path(recipe.script).name, "config": cfg.as_dict(),
             "world_size": info.world_size, "grad_accum_steps": accum, "device": str(device),
             "attention_backend": attention, "compile": use_compile, "compile_time_s": compile_s,
-            "compile_phases": compile_phases,            "model_params": n_params, "steps": step, "stop_reason": stop_reason,
+            "compile_phases": compile_phases, "model_params": n_params, "steps": step, "stop_reason": stop_reason,
             "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
             "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,
             "peak_memory": peak, "val_history": val_history, "stages": stages,
@@ -768,6 +770,7 @@ def main(recipe: Recipe = Recipe()) -> None:
             "bytes": {"code": code_bytes, "model": len(blob), "total": code_bytes + len(blob),
                       "over_cap": over_cap is not None, "label": label},
             "export": {"method": cfg.quant_method, "calibration_s": calib_s, "export_s": export_s, "fit_steps": fit_steps},
+            "eval_total_s": eval_s,
         })
         log(f"summary: {log_dir / f'{run_id}.json'}")
     if over_cap is not None:

@@ -33,15 +33,19 @@ def cfg_of(**overrides):
     return parse_knobs(tg.KNOBS, {**SMALL, **{k: str(v) for k, v in overrides.items()}})
 
 
+def randomised(model, seed: int):
+    """Every parameter N(0, 0.2^2) from a generator seeded seed + 1 (zero inits hide bugs)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def small_model(randomise=True, seed=0, **overrides):
     torch.manual_seed(seed)
     model = tg.GPT(cfg_of(**overrides))
-    if randomise:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
+    return randomised(model, seed) if randomise else model
 
 
 def copy_weights(src, dst):

@@ -3,7 +3,7 @@ import torch
 
 import train_gpt_v2 as v2
 from golf.config import parse_knobs
-from tests.test_record_stack import SMALL
+from tests.test_record_stack import SMALL, randomised
 
 # the record stack's tiny test shape; ROPE_DIMS left at its default (16 = the head dim) so that
 # position encodings without RoPE can be chosen without setting a knob that would do nothing
@@ -18,12 +18,7 @@ def build(seed=0, randomise=True, **overrides) -> v2.GPTv2:
     """A GPTv2 of SMALL_V2 + overrides; randomise: every parameter N(0, 0.2^2) (zero inits hide bugs)."""
     torch.manual_seed(seed)
     model = v2.GPTv2(cfg_of(**overrides))
-    if randomise:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
+    return randomised(model, seed) if randomise else model
 
 
 def n_params(model) -> int:

@@ -334,7 +334,7 @@ class GPT(nn.Module):
             raise KnobError(f"need 0 <= LOOP_START={cfg.loop_start} <= LOOP_END={cfg.loop_end} < NUM_LAYERS={L}")
         self.cfg = cfg
         self.looping = False  # set by the trainer after ENABLE_LOOPING_AT; evaluation always loops
-        self.regions = None  # compiled call_block and loss, set for a call by RegionCompiled
+        self.regions = None  # compiled call_block and loss, set for one call by compile_model (blocks mode)
         self.softcap = cfg.logit_softcap
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)

@@ -38,6 +38,11 @@ def cmd_tokenizer(a) -> None:
                          overwrite=a.overwrite)
 
 
+def cmd_byte_tokenizer(a) -> None:
+    from .bytelevel import VOCAB_SIZE, write_byte_level_tokenizer
+    print(f"wrote {write_byte_level_tokenizer(a.out, a.overwrite)} (vocab {VOCAB_SIZE}: 4 specials + 256 bytes)")
+
+
 def cmd_decode(a) -> None:
     from . import tokenizer as tok
     from .docs import decode_shards, write_jsonl
@@ -122,6 +127,11 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, help="fix the trainer's line sampling")
     k.add_argument("--overwrite", action="store_true", help="replace a different tokenizer file")
     k.set_defaults(func=cmd_tokenizer)
+
+    y = sub.add_parser("byte-tokenizer", help="write the byte-level tokenizer (every UTF-8 byte a token, vocab 260)")
+    y.add_argument("--out", default=".", help="folder that gets tokenizers/ (default: .)")
+    y.add_argument("--overwrite", action="store_true", help="replace a different file of that name")
+    y.set_defaults(func=cmd_byte_tokenizer)
 
     c = sub.add_parser("decode", help="shards + tokenizer -> .jsonl of {\"text\": ...} documents "
                                       "(original text for CaseOps shards)")

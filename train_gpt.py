@@ -41,6 +41,7 @@ from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_
 from golf.evaluate import evaluate_stream, target_bytes
 from golf.loader import PackedLoader
 from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
+from golf.profile import profile_lines, profile_steps
 from golf.runlog import RunLog, compile_breakdown, write_summary
 from golf.ttt import TTTSettings, evaluate_ttt, phase_ends, split_documents
 from quant import export
@@ -103,6 +104,7 @@ KNOBS = (
     Knob("MAX_WALLCLOCK_SECONDS", float, 600.0, "training time cap, eval excluded; 0 = no cap"),
     Knob("GPTQ_RESERVE_SECONDS", float, 8.0, "seconds of the cap kept for quantization calibration after training"),
     Knob("WARMUP_STEPS", int, 20, "untimed compile-priming steps per phase (unlooped, looped); then everything is reset"),
+    Knob("PROFILE_STEPS", int, 0, "after priming, profile this many steps per phase (untimed, reset after): kernel table in the log"),
     Knob("WARMDOWN_FRAC", float, 0.85, "final fraction of the budget with linear LR decay (may exceed 1)",
          (Alias("WARMDOWN_ITERS", _warmdown_iters_to_frac, "steps, converted to WARMDOWN_ITERS / ITERATIONS"),)),
     Knob("MIN_LR", float, 0.1, "LR floor of the warmdown, as a fraction of each peak LR"),
@@ -624,8 +626,8 @@ def main(recipe: Recipe = Recipe()) -> None:
             torch.cuda.synchronize()
 
     # compile priming: real steps in each phase (unlooped, looped), untimed; then everything is reset
-    compile_s = 0.0
-    if cfg.warmup_steps > 0:
+    compile_s, profiles = 0.0, {}
+    if cfg.warmup_steps > 0 or cfg.profile_steps > 0:
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_opt = copy.deepcopy(opt.state_dict())
         t0 = time.perf_counter()
@@ -635,6 +637,12 @@ def main(recipe: Recipe = Recipe()) -> None:
                 train_step(step, 0.0)
         sync()
         compile_s = time.perf_counter() - t0
+        for looping in ((False, True) if cfg.num_loops else (False,)) if cfg.profile_steps > 0 else ():
+            base_model.looping = looping
+            phase = "looped" if looping else "unlooped"
+            profiles[phase] = profile_steps(lambda: train_step(0, 0.0), cfg.profile_steps, device)
+            for line in profile_lines(profiles[phase], phase):
+                log(line)
         base_model.looping = False
         base_model.load_state_dict(initial_model)
         opt.load_state_dict(initial_opt)
@@ -770,7 +778,7 @@ def main(recipe: Recipe = Recipe()) -> None:
             "bytes": {"code": code_bytes, "model": len(blob), "total": code_bytes + len(blob),
                       "over_cap": over_cap is not None, "label": label},
             "export": {"method": cfg.quant_method, "calibration_s": calib_s, "export_s": export_s, "fit_steps": fit_steps},
-            "eval_total_s": eval_s,
+            "eval_total_s": eval_s, "profiles": profiles,
         })
         log(f"summary: {log_dir / f'{run_id}.json'}")
     if over_cap is not None:

@@ -4,6 +4,7 @@
 #   bench/record_h100.sh full          786,432 tokens/step, accumulation 8 (the exact 8-GPU math), 150 s
 #   BUDGET=150 bench/record_h100.sh proxy  another training budget (seconds) for the proxy
 #   bench/record_h100.sh smoke         proxy settings for 30 s: does everything compile and run
+#   PROFILE_STEPS=20 bench/record_h100.sh smoke   plus a kernel table of 20 steps per phase (golf/profile.py)
 # Builds the SP8192 benchmark set first from SOURCES (a copy of ../shared/data), unless it exists.
 # Reference (public best script, same H100, same data): full 800 ms/step before looping, 1,200
 # after, 42,765 MiB; proxy 105.6 / 155.0 ms/step, 42,177 MiB, 158-292 s compile, val_bpb 1.4197

@@ -1,0 +1,64 @@
+"""Where a training step's time goes: torch.profiler over a few real steps, reduced to a kernel table
+and category shares (matmul, attention, fused Triton, communication, ...), for the kernels issue's
+"profile first" rule. The trainer calls it with PROFILE_STEPS > 0 after its compile priming."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# first match wins; kernel names of cuBLAS/CUTLASS, FlexAttention/SDPA, Inductor/Triton, NCCL, copies
+CATEGORIES = (
+    ("communication", re.compile(r"nccl|all_reduce|reduce_scatter|all_gather|c10d", re.I)),
+    ("attention", re.compile(r"flex|attention|fmha|flash|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|cublas|sm90_|sm80_|nvjet|\bmm\b|aten::mm|aten::addmm|aten::bmm|matmul", re.I)),
+    ("triton", re.compile(r"^triton_|_kernel$", re.I)),
+    ("memory", re.compile(r"memcpy|memset|copy|aten::to\b|aten::cat\b", re.I)),
+)
+
+
+def category(name: str) -> str:
+    return next((cat for cat, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
+    """Runs `step` `steps` times under the profiler (after one unprofiled call, so no first-call work
+    is counted). Times are device (GPU kernel) time on CUDA and self CPU time elsewhere, in ms per step.
+    Returns {"per_step_ms", "categories": {name: ms}, "kernels": [{"name", "ms", "share", "calls",
+    "category"}] (the `top` largest)}."""
+    cuda = device.type == "cuda"
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 and (cuda or not e.key.startswith("ProfilerStep")):
+            rows.append((e.key, us / 1000 / steps, e.count // steps))
+    total = sum(ms for _, ms, _ in rows) or 1e-12
+    cats: dict[str, float] = {}
+    for name, ms, _ in rows:
+        cats[category(name)] = cats.get(category(name), 0.0) + ms
+    rows.sort(key=lambda r: -r[1])
+    return {"per_step_ms": total, "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "kernels": [{"name": n, "ms": ms, "share": ms / total, "calls": c, "category": category(n)}
+                        for n, ms, c in rows[:top]]}
+
+
+def profile_lines(result: dict, label: str) -> list[str]:
+    """Log lines: per-step total, category shares, then the largest kernels."""
+    total = result["per_step_ms"]
+    lines = [f"profile {label}: {total:.2f} ms/step of kernel time; " +
+             " ".join(f"{c}:{ms:.2f}ms({ms / total:.0%})" for c, ms in result["categories"].items())]
+    for k in result["kernels"]:
+        lines.append(f"profile {label}   {k['ms']:8.3f} ms {k['share']:6.1%} x{k['calls']:<4d} {k['category']:<13s} "
+                     f"{k['name'][:110]}")
+    return lines

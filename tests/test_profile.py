@@ -1,0 +1,32 @@
+"""PROFILE_STEPS: a kernel table of real training steps, taken after priming and undone before the
+timed run, so a profiled run trains exactly like an unprofiled one."""
+from __future__ import annotations
+
+import re
+
+from golf.profile import category
+from tests.trainer_runs import run_trainer, summary, train_losses
+
+
+def test_kernel_names_fall_into_categories():
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert category("aten::mm") == "matmul"
+    assert category("triton_tem_fused_flex_attention_0") == "attention"
+    assert category("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL") == "communication"
+    assert category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "triton"
+    assert category("Memcpy DtoD (Device -> Device)") == "memory"
+    assert category("aten::tanh") == "other"
+
+
+def test_profiled_run_trains_like_an_unprofiled_one(tmp_path):
+    plain, profiled = tmp_path / "plain", tmp_path / "profiled"
+    run_trainer(plain, ITERATIONS="4", NUM_LOOPS="1", LOOP_START="0", LOOP_END="0", WARMUP_STEPS="1")
+    run_trainer(profiled, ITERATIONS="4", NUM_LOOPS="1", LOOP_START="0", LOOP_END="0", WARMUP_STEPS="1",
+                PROFILE_STEPS="2")
+    assert train_losses(profiled) == train_losses(plain)
+    log = (profiled / "t.txt").read_text()
+    for phase in ("unlooped", "looped"):
+        assert re.search(rf"^profile {phase}: \d+\.\d+ ms/step of kernel time; \w+:", log, re.M), phase
+        p = summary(profiled)["profiles"][phase]
+        assert p["per_step_ms"] > 0 and p["kernels"] and abs(sum(p["categories"].values()) - p["per_step_ms"]) < 1e-6
+    assert summary(plain)["profiles"] == {}

@@ -82,6 +82,21 @@ class LossScaler:
             return inner(lr_scale, muon_momentum)
 
         opt.step = step
+        # the scaler's state travels with the optimizer's, so the trainer's reset after compile priming
+        # (opt.load_state_dict of the initial snapshot) also restores the initial scale
+        inner_state, inner_load = opt.state_dict, opt.load_state_dict
+        fields = ("scale", "good_steps", "skipped")
+
+        def state_dict() -> dict:
+            return {**inner_state(), "loss_scaler": {f: getattr(self, f) for f in fields}}
+
+        def load_state_dict(state: dict) -> None:
+            state = dict(state)
+            for f, v in state.pop("loss_scaler", {}).items():
+                setattr(self, f, v)
+            inner_load(state)
+
+        opt.state_dict, opt.load_state_dict = state_dict, load_state_dict
 
 
 def apply_memory_fraction(fraction: float, device: torch.device) -> str | None:

@@ -124,14 +124,23 @@ def test_wrapped_step_skips_an_overflowing_step():
 
         def zero_grad(self):
             self.params[0].grad = None
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
     opt, s = Opt(), precision.LossScaler(init=4.0)
     s.wrap(opt)
+    initial = opt.state_dict()
     opt.params[0].grad = torch.tensor([4.0, float("nan")])
     assert math.isinf(opt.step(1.0, 0.9).item()) and opt.steps == 0 and opt.params[0].grad is None
     opt.params[0].grad = torch.tensor([4.0, 8.0])
     opt.step(1.0, 0.9)
     assert opt.steps == 1 and s.scale == 2.0
     torch.testing.assert_close(opt.params[0].grad, torch.tensor([2.0, 4.0]))
+    opt.load_state_dict(initial)  # the trainer's reset after compile priming restores the scale too
+    assert opt.steps == 0 and (s.scale, s.good_steps, s.skipped) == (4.0, 0, 0)
 
 
 def test_amp_choice_and_memory_fraction_on_cpu():

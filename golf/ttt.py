@@ -238,12 +238,12 @@ def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: 
         # rows are independent (own adapter, own loss term), so splitting them into passes that
         # accumulate gradients is exact and bounds activation memory
         per_pass = max(1, s.micro_tokens // width)
+        first = lo - w0  # the chunk is the window's tail: logits for its positions only
         for g0 in range(0, len(active), per_pass):
             rows = active[g0 : g0 + per_pass]
             if adapters is not None:
                 adapters.select(torch.from_numpy(rows).to(device))
             x, y, valid, idx = _rows(tokens, docs[rows], w0, hi, width)
-            first = lo - w0  # the chunk is the window's tail: logits for its positions only
             scored, idx = valid[:, first:], idx[:, first:]
             xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             mask = torch.from_numpy(scored).to(device)

@@ -24,7 +24,6 @@ import ast
 import base64
 import io
 import lzma
-import os
 import sys
 import tokenize
 from pathlib import Path
@@ -86,8 +85,7 @@ def packed_trainer(entry_file: str | Path) -> bytes:
 
 def code_bytes(entry_file: str | Path) -> int:
     """The packed trainer's size (packed_trainer)."""
-    packed = packed_script()
-    return os.path.getsize(packed) if packed else len(pack(entry_file))
+    return len(packed_trainer(entry_file))
 
 
 # ----------------------------------------------------------------------------- finding modules

@@ -611,11 +611,17 @@ def _key(variant: str, seed: int, env: dict) -> tuple:
 
 
 def run_study(study: Study, out: Path | None = None, dry_run: bool = False, jobs: int | None = None,
-              gpus: list[str] | None = None) -> list[dict]:
-    """Runs what has no ok row yet in `<out>/results.jsonl`, appending a row per run; returns the new rows."""
+              gpus: list[str] | None = None, only: set[str] | None = None, seeds: set[int] | None = None) -> list[dict]:
+    """Runs what has no ok row yet in `<out>/results.jsonl`, appending a row per run; returns the new rows.
+    `only` and `seeds` restrict this call to some variants and seeds (a study spread over several
+    sessions or machines; a post variant needs its baseline's checkpoint on this machine)."""
     out = (out or study.default_out()).resolve()
     results = out / "results.jsonl"
-    runs = plan(study, out)
+    for name in sorted((only or set()) - {v.name for v in study.variants}):
+        raise StudyError(f"--only {name}: no such variant{_closest(name, [v.name for v in study.variants])}")
+    for seed in sorted((seeds or set()) - set(study.seeds)):
+        raise StudyError(f"--seeds {seed}: not one of the study's seeds {list(study.seeds)}")
+    runs = [r for r in plan(study, out) if (not only or r.variant.name in only) and (not seeds or r.seed in seeds)]
     rows = read_rows(results)
     done = {_key(r["variant"], r["seed"], r["env"]) for r in rows if r.get("status") in OK}
     todo = [r for r in runs if _key(r.variant.name, r.seed, r.env) not in done]
@@ -679,7 +685,12 @@ def _user_errors(func):
 def _cmd_run(args) -> int:
     study = load_study(args.file)
     out = Path(args.out) if args.out else study.default_out()
-    rows = run_study(study, out, args.dry_run, args.jobs)
+    only = set(args.only.split(",")) if args.only else None
+    try:
+        seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+    except ValueError:
+        raise StudyError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    rows = run_study(study, out, args.dry_run, args.jobs, only=only, seeds=seeds)
     if not args.dry_run:
         crashed = sum(r["status"] == "crashed" for r in rows)
         print(f"{len(rows)} runs, {crashed} crashed; report: python -m golf study report {args.file}"
@@ -711,6 +722,8 @@ def main(argv: list[str]) -> int:
     r.add_argument("--dry-run", action="store_true", help="print every command with its settings; run nothing")
     r.add_argument("--out", help="results folder (default: runs/<name>/)")
     r.add_argument("--jobs", type=int, help="CPU studies: runs at once (default: the file's jobs)")
+    r.add_argument("--only", help="comma-separated variants to run now (baseline included by name); the rest wait")
+    r.add_argument("--seeds", help="comma-separated seeds to run now (of the study's seeds)")
     r.set_defaults(func=_cmd_run)
     q = verbs.add_parser("report", help="markdown report with statistics and plots from the results")
     q.add_argument("source", help="the study's TOML file, or a results JSONL")

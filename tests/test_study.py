@@ -209,6 +209,27 @@ def test_runs_skip_done_rows_and_capture_crashes(tmp_path, fake, monkeypatch, ca
     assert "left out" in text  # the 0.05 rows are not the study's any more
 
 
+def test_only_and_seeds_restrict_a_call(tmp_path, fake, monkeypatch):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    path = write_study(tmp_path, """
+        gpus = 0
+        seeds = [1, 2]
+        [variants.a]
+        MATRIX_LR = 0.05
+        [variants.b]
+        MATRIX_LR = 0.06
+        """, fake)
+    out = tmp_path / "out"
+    rows = st.run_study(st.load_study(path), out, only={"baseline", "b"}, seeds={2})
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [("b", 2), ("baseline", 2)]
+    rest = st.run_study(st.load_study(path), out)  # a later call does what is left
+    assert sorted((r["variant"], r["seed"]) for r in rest) == [("a", 1), ("a", 2), ("b", 1), ("baseline", 1)]
+    with pytest.raises(st.StudyError, match="did you mean b"):
+        st.run_study(st.load_study(path), out, only={"bb"})
+    with pytest.raises(st.StudyError, match="not one of the study's seeds"):
+        st.run_study(st.load_study(path), out, seeds={3})
+
+
 def test_wandb_is_optional(monkeypatch, capsys):
     row = {"run_id": "a_s1", "study": "t", "kind": "train", "variant": "a", "seed": 1, "scale": "proxy",
            "env": {"MATRIX_LR": "0.05"}, "metrics": {"steps": 10}, "status": "ok"}

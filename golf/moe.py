@@ -206,7 +206,8 @@ class MoEMLP(nn.Module):
         offs = ends.to(torch.int32)
         xs = x[sorted_tok]  # [k*N, dim], expert-major
         h = torch._grouped_mm(xs, self.experts_in.to(x.dtype).mT, offs=offs)  # [k*N, hidden]
-        ys = torch._grouped_mm(self.act(h), self.experts_out.to(x.dtype).mT, offs=offs)  # [k*N, dim]
+        # autocast runs pow (the square) in fp32; _grouped_mm is no autocast op, so cast back
+        ys = torch._grouped_mm(self.act(h).to(x.dtype), self.experts_out.to(x.dtype).mT, offs=offs)  # [k*N, dim]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         return ys[inverse]
 

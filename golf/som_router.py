@@ -229,7 +229,8 @@ class SOMMoE(nn.Module):
         counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = counts.cumsum(0).to(torch.int32)  # end of each expert's segment
         xs = x[order // k]
-        ys = torch._grouped_mm(self._act(torch._grouped_mm(xs, w1, offs=offs)), w2, offs=offs)
+        # autocast runs pow (the square) in fp32; _grouped_mm is no autocast op, so cast back
+        ys = torch._grouped_mm(self._act(torch._grouped_mm(xs, w1, offs=offs)).to(xs.dtype), w2, offs=offs)
         # back to choice order (a permutation, so no atomics), then mix each token's k outputs
         back = torch.empty_like(ys)
         back[order] = ys

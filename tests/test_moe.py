@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from golf.moe import (MoEMLP, collect_moe_metrics, expert_metrics, grouped_mm_available, moe_aux_loss,
@@ -270,3 +271,14 @@ def test_autocast_casts_fp32_input_so_the_grouped_path_runs(monkeypatch):
         y = m(x)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     torch.testing.assert_close(y.float(), m(x), atol=0.05, rtol=0.05)
+
+
+def test_grouped_path_survives_an_fp32_activation(monkeypatch):
+    # CUDA autocast runs the square of LeakyReLU^2 in fp32 and _grouped_mm casts nothing: the layer
+    # must hand bf16 to the second GEMM (CPU autocast keeps bf16, so fp32 is forced here)
+    m = _layer(routing="dropless")
+    monkeypatch.setattr(MoEMLP, "act", lambda self, h: F.leaky_relu(h.float(), self.slope).square())
+    x = torch.randn(2, 8, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16

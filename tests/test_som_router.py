@@ -146,6 +146,15 @@ def test_grouped_and_dense_agree_under_bf16_autocast():
     assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm missing")
+def test_grouped_survives_an_fp32_activation(monkeypatch):
+    # CUDA autocast runs the square in fp32 (CPU autocast does not): the second GEMM must get bf16
+    grouped = make(compute="grouped")
+    monkeypatch.setattr(grouped, "_act", lambda h: torch.nn.functional.leaky_relu(h.float(), 0.5).square())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert grouped(tokens(48)).dtype == torch.bfloat16
+
 @pytest.mark.parametrize("query", ["linear", "mlp"])
 def test_gradients_reach_query_network_only(query):
     m = make(query=query)

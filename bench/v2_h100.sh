@@ -4,6 +4,7 @@
 #
 #   source bench/device_prelude.sh && OUT=$OUT bench/v2_h100.sh      # on the device (run's command)
 #   BUDGET=30 TOTAL=500 ... bench/v2_h100.sh                          # shorter training / call budget
+#   SKIP="v2_dense record_dense" ... bench/v2_h100.sh                  # leave out runs already measured
 #
 # In order:
 #   1. the SP8192 benchmark set, built from SOURCES unless present (as bench/record_h100.sh does)
@@ -240,6 +241,11 @@ PROXY=(
 train() {
   local name=$1 later=$2 script=$3 rc=0 t0=$SECONDS cap
   shift 3
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then
+    echo "== $name: skipped (SKIP)"
+    printf '%s\t-\t0\tskipped (SKIP)\n' "$name" >> "$STAGE/status.tsv"
+    return 0
+  fi
   cap=$(( $(left) - later * RUN_RESERVE ))
   cap=$(( cap < RUN_CAP ? cap : RUN_CAP ))
   if [ "$cap" -lt "$MIN_RUN" ]; then

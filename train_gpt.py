@@ -141,6 +141,8 @@ KNOBS = (
     Knob("COMPRESSOR", str, "brotli", "model bytes compressor: brotli, lzma, zlib or none"),
     Knob("FIT_BUDGET", bool, True, "if code + model exceed 16,000,000 bytes, drop LQER then widen clips until they fit"),
     Knob("VAL_LOSS_EVERY", int, 1000, "validate every N steps (0: only at the end)"),
+    Knob("VAL_LAYOUT", str, "docs", "plain evaluation: docs (each document from its own start, cut every "
+         "TRAIN_SEQ_LEN tokens, as the public scripts score) or stream (fixed rows of the flat stream)"),
     Knob("VAL_BATCH_TOKENS", int, 262_144, "tokens per validation batch, over all ranks (logits are vocab-wide: keep it modest)",
          (Alias("VAL_BATCH_SIZE", note="the baseline's name"),)),
     Knob("TRAIN_LOG_EVERY", int, 200, "log the training loss every N steps"),
@@ -480,6 +482,13 @@ def grad_accum_steps(cfg, world: int) -> int:
     return accum
 
 
+def val_layout(cfg, seq_len: int, stride: int) -> str:
+    """VAL_LAYOUT for plain evaluation; sliding windows (a stride below the window) score the stream."""
+    if cfg.val_layout not in ("docs", "stream"):
+        raise KnobError(f"VAL_LAYOUT={cfg.val_layout!r}: expected 'docs' or 'stream'")
+    return cfg.val_layout if stride in (0, seq_len) else "stream"
+
+
 def compile_model(model: GPT, mode: str):
     """What the training and validation steps call. `model` traces the whole forward (one graph per
     layer order: unlooped and looped); `blocks` compiles call_block and the loss only, so all
@@ -579,7 +588,8 @@ def main(recipe: Recipe = Recipe()) -> None:
     log(f"val_bytes: {'byte sidecar ' + sidecar_pattern if sidecar is not None else 'tokenizer pieces'}")
     loader = recipe.loader(cfg, str(data / "fineweb_train_*.bin"), cfg.train_seq_len, cfg.train_batch_tokens,
                            accum, info.rank, info.world_size, device)
-    log(f"train_shards:{len(loader.paths)} val_tokens:{len(val_tokens)} tokenizer:{cfg.tokenizer_path}")
+    log(f"train_shards:{len(loader.paths)} val_tokens:{len(val_tokens)} val_layout:{val_layout(cfg, 0, 0)} "
+        f"tokenizer:{cfg.tokenizer_path}")
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -605,7 +615,7 @@ def main(recipe: Recipe = Recipe()) -> None:
         base_model.eval()  # evaluation always runs the looped order
         batch_seqs = max(1, cfg.val_batch_tokens // (info.world_size * seq_len))
         result = evaluate_stream(eval_loss, val_tokens, seq_len, batch_seqs, byte_counts, device,
-                                 info.rank, info.world_size, stride)
+                                 info.rank, info.world_size, stride, layout=val_layout(cfg, seq_len, stride))
         base_model.train()
         return result
 

@@ -102,7 +102,8 @@ def requantize(checkpoint: str, out: str | None = None, score: bool = False, sta
                 with autocast:
                     return model(x, y, reduction="none")
             batch = max(1, cfg.val_batch_tokens // seq_len)
-            return evaluate_stream(loss, val, seq_len, batch, byte_counts, device, stride=stride)
+            return evaluate_stream(loss, val, seq_len, batch, byte_counts, device, stride=stride,
+                                   layout=tg.val_layout(cfg, seq_len, stride))
 
         for name, weights in (("prequant", state), ("quant_roundtrip", None)):
             t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from data.shards import BOS_ID, load_stream
 from golf import ttt
 from golf.bpb import ByteCounter
-from golf.evaluate import evaluate_stream, target_bytes, window_plan
+from golf.evaluate import document_pieces, evaluate_stream, pack_pieces, target_bytes, window_plan
 from tests.test_record_stack import SMALL, small_model
 from tests.trainer_runs import SAMPLE
 
@@ -94,19 +94,77 @@ def test_bad_stride_is_refused():
         window_plan(100, 32, 33)
 
 
-# ----------------------------------------------------------------------------- legality
-def stream_scores(model, tokens, bytes_, stride):
+
+# ----------------------------------------------------------------------------- document layout
+def test_document_pieces_cut_each_document_from_its_start():
+    # a headless first document (no BOS at 0), a short one, one of 2.5 pieces, and a final one-token target
+    tokens = np.full(40, 5)
+    tokens[[3, 7, 30]] = BOS_ID
+    pieces = document_pieces(tokens, 8, BOS_ID)
+    assert pieces.tolist() == [[0, 3], [3, 4], [7, 8], [15, 8], [23, 7], [30, 8], [38, 1]]
+    covered = np.concatenate([np.arange(a, a + n) for a, n in pieces])
+    np.testing.assert_array_equal(covered, np.arange(len(tokens) - 1))  # every target position once
+
+
+def test_packing_never_splits_and_keeps_continuations_at_row_starts():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 33, 200)
+    pieces = np.stack([np.cumsum(lengths) - lengths, lengths], 1)
+    opens = rng.random(200) < 0.2
+    row, off, n_rows = pack_pieces(pieces, opens, 32)
+    assert (off[opens] == 0).all() and (off + lengths <= 32).all()
+    slots = np.zeros((n_rows, 32), int)
+    for r, o, n in zip(row, off, lengths):
+        slots[r, o:o + n] += 1
+    assert slots.max() == 1  # no two pieces overlap
+    assert n_rows <= opens.sum() + -(-lengths[~opens].sum() // 32) + 2  # best fit wastes little
+
+
+def test_docs_layout_scores_every_piece_as_if_alone(model, val):
+    tokens, bytes_ = val
+    seq_len = 64
     nats = np.full(len(tokens) - 1, np.nan)
-    evaluate_stream(loss_fn(model), tokens, 64, 8, bytes_, CPU, stride=stride, token_nats=nats)
+    loss, bpb = evaluate_stream(loss_fn(model), tokens, seq_len, 5, bytes_, CPU, token_nats=nats, layout="docs")
+    assert not np.isnan(nats).any()
+    assert loss == pytest.approx(nats.mean()) and bpb == pytest.approx(nats.sum() / np.log(2) / bytes_[1:].sum())
+    fn = loss_fn(model)
+    for a, n in document_pieces(tokens, seq_len, BOS_ID)[::7]:
+        seq = torch.from_numpy(tokens[a:a + n + 1].astype(np.int64))[None]
+        alone = fn(seq[:, :-1], seq[:, 1:])
+        np.testing.assert_allclose(nats[a:a + n], alone[0].detach().double().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_docs_layout_split_over_ranks_covers_the_stream_once(val):
+    tokens, _ = val
+    seen = np.zeros(len(tokens) - 1)
+    for rank in range(3):
+        nats = np.full(len(tokens) - 1, np.nan)
+        evaluate_stream(lambda x, y: torch.ones(x.shape), tokens, 64, 4, np.ones(len(tokens), np.int64), CPU,
+                        rank, 3, token_nats=nats, layout="docs")
+        seen += ~np.isnan(nats)
+    assert (seen == 1).all()
+
+
+def test_docs_layout_is_plain_evaluation_only():
+    with pytest.raises(ValueError, match="needs layout 'stream'"):
+        evaluate_stream(lambda x, y: x, np.arange(100), 32, 2, np.ones(100, np.int64), CPU, stride=16, layout="docs")
+    with pytest.raises(ValueError, match="expected 'stream' or 'docs'"):
+        evaluate_stream(lambda x, y: x, np.arange(100), 32, 2, np.ones(100, np.int64), CPU, layout="rows")
+
+# ----------------------------------------------------------------------------- legality
+def stream_scores(model, tokens, bytes_, stride, layout="stream"):
+    nats = np.full(len(tokens) - 1, np.nan)
+    evaluate_stream(loss_fn(model), tokens, 64, 8, bytes_, CPU, stride=stride, token_nats=nats, layout=layout)
     return nats
 
 
-@pytest.mark.parametrize("stride", [64, 16])
-def test_plain_and_sliding_scores_ignore_future_tokens(model, val, stride):
+@pytest.mark.parametrize("stride,layout", [(64, "stream"), (16, "stream"), (0, "docs")])
+def test_plain_and_sliding_scores_ignore_future_tokens(model, val, stride, layout):
     tokens, bytes_ = val
-    ref = stream_scores(model, tokens, bytes_, stride)
+    ref = stream_scores(model, tokens, bytes_, stride, layout)
     for t in np.random.default_rng(stride).integers(10, len(tokens) - 10, 4):
-        changed = stream_scores(model, perturb(tokens, np.arange(t + 1, len(tokens)), seed=int(t)), bytes_, stride)
+        changed = stream_scores(model, perturb(tokens, np.arange(t + 1, len(tokens)), seed=int(t)), bytes_, stride,
+                                layout)
         np.testing.assert_array_equal(changed[:t], ref[:t])  # targets up to token t
         assert not np.array_equal(changed[t:], ref[t:])  # the perturbation was seen where it may be
 

@@ -617,10 +617,13 @@ def run_study(study: Study, out: Path | None = None, dry_run: bool = False, jobs
     sessions or machines; a post variant needs its baseline's checkpoint on this machine)."""
     out = (out or study.default_out()).resolve()
     results = out / "results.jsonl"
-    for name in sorted((only or set()) - {v.name for v in study.variants}):
-        raise StudyError(f"--only {name}: no such variant{_closest(name, [v.name for v in study.variants])}")
-    for seed in sorted((seeds or set()) - set(study.seeds)):
-        raise StudyError(f"--seeds {seed}: not one of the study's seeds {list(study.seeds)}")
+    names = [v.name for v in study.variants]
+    unknown = sorted((only or set()) - set(names))
+    if unknown:
+        raise StudyError(f"--only {unknown[0]}: no such variant{_closest(unknown[0], names)}")
+    stray = sorted((seeds or set()) - set(study.seeds))
+    if stray:
+        raise StudyError(f"--seeds {stray[0]}: not one of the study's seeds {list(study.seeds)}")
     runs = [r for r in plan(study, out) if (not only or r.variant.name in only) and (not seeds or r.seed in seeds)]
     rows = read_rows(results)
     done = {_key(r["variant"], r["seed"], r["env"]) for r in rows if r.get("status") in OK}

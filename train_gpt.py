@@ -313,10 +313,34 @@ class Block(nn.Module):
         return x + self.mlp_branch(x)
 
 
-def call_block(block: nn.Module, *args):
-    """A block's forward as a free function: compiled once (COMPILE_MODE=blocks), it serves every
-    layer, since Dynamo guards on the block's structure and passes its weights as inputs."""
-    return block(*args)
+def call(fn, *args):
+    """`fn(*args)`: the one function COMPILE_MODE=blocks compiles. Dynamo guards on `fn` and on the
+    structure of the modules passed in and takes their weights as inputs, so each layer kind (encoder,
+    serial or parallel decoder, XSA or not) gets one graph that serves every layer of that kind."""
+    return fn(*args)
+
+
+def mix_skip(x, skip, weight, gate):
+    """A U-Net skip into the decoder stream: x + w * skip, or lerp(w * skip, x, sigmoid(g)) when gated."""
+    if skip is None:
+        return x
+    skip = weight.to(x.dtype) * skip
+    return x + skip if gate is None else torch.lerp(skip, x, torch.sigmoid(gate).to(x.dtype))
+
+
+def serial_decoder_layer(block, x, x0, docs, skip, skip_weight, skip_gate):
+    return block(mix_skip(x, skip, skip_weight, skip_gate), x0, docs)
+
+
+def parallel_decoder_layer(block, x, lane1, x0, docs, skip, skip_weight, skip_gate, post, resid):
+    """Two residual lanes: the attention lane (x, with the skip mixed in) and the MLP lane (`lane1`;
+    None on the first parallel layer, where it starts from the stream before the skip)."""
+    lane1 = x if lane1 is None else lane1
+    lane0 = mix_skip(x, skip, skip_weight, skip_gate)
+    a, m = block(lane0, x0, docs, lane1)
+    post, resid = post.to(x.dtype), resid.to(x.dtype)
+    return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+            resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
 
 def layer_order(cfg, looping: bool) -> list[int]:
@@ -338,7 +362,7 @@ class GPT(nn.Module):
             raise KnobError(f"need 0 <= LOOP_START={cfg.loop_start} <= LOOP_END={cfg.loop_end} < NUM_LAYERS={L}")
         self.cfg = cfg
         self.looping = False  # set by the trainer after ENABLE_LOOPING_AT; evaluation always loops
-        self.regions = None  # compiled call_block and loss, set for one call by compile_model (blocks mode)
+        self.regions = None  # the compiled `call`, set for one call by compile_model (blocks mode)
         self.softcap = cfg.logit_softcap
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
@@ -396,18 +420,30 @@ class GPT(nn.Module):
         are then graph inputs (Inductor's FlexAttention lowering fails on a mask computed in-graph)."""
         return doc_boundaries(idx, BOS_ID, self.cfg.doc_isolation)
 
-    def hidden(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
-        docs = self.doc_info(idx) if docs is None else docs
+    def stream_input(self, idx: torch.Tensor) -> torch.Tensor:
+        """x0: embeddings in the residual stream's dtype (bf16 under autocast), smeared, normed."""
         x = self.embed(idx)
-        if torch.is_autocast_enabled(x.device.type):  # the residual stream runs in the autocast dtype (bf16)
+        if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if hasattr(self, "smear_gate"):
             x = self.smear(x, idx)
-        x = x0 = self.norm(x)
+        return self.norm(x)
+
+    def stream_output(self, x: torch.Tensor, lanes) -> torch.Tensor:
+        if lanes is not None:
+            x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[self.cfg.parallel_final_lane]
+        return self.norm(x)
+
+    def hidden(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
+        """Final normed hidden states. Every piece of work goes through `run` (the compiled `call` in
+        COMPILE_MODE=blocks), so no elementwise glue runs eagerly between the compiled layers."""
+        docs = self.doc_info(idx) if docs is None else docs
+        run = self.regions or call
+        x = x0 = run(type(self).stream_input, self, idx)
         order = layer_order(self.cfg, self.looping or not self.training)
         n_enc = len(order) // 2
         skips, lanes = [], None
-        run = self.regions["block"] if self.regions else call_block
+        gates = getattr(self, "skip_gates", None)
         for k, i in enumerate(order):
             block = self.blocks[i]
             if k < n_enc:
@@ -415,24 +451,15 @@ class GPT(nn.Module):
                 skips.append(x)
                 continue
             d = k - n_enc
-            lane1 = x if lanes is None else lanes[1]  # the MLP lane starts from the stream before the skip
-            if d < self.num_skips and skips:
-                skip = self.skip_weights[d].to(x.dtype) * skips.pop()
-                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[d]).to(x.dtype)) \
-                    if hasattr(self, "skip_gates") else x + skip
+            skip = (skips.pop(), self.skip_weights[d], None if gates is None else gates[d]) \
+                if d < self.num_skips and skips else (None, None, None)
             if i < self.parallel_start:
-                x = run(block, x, x0, docs)
+                x = run(serial_decoder_layer, block, x, x0, docs, *skip)
                 continue
-            lane0 = x
-            a, m = run(block, lane0, x0, docs, lane1)
-            post, resid = self.parallel_post_lambdas[i].to(x.dtype), self.parallel_resid_lambdas[i].to(x.dtype)
-            lanes = (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
-                     resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+            lanes = run(parallel_decoder_layer, block, x, None if lanes is None else lanes[1], x0, docs, *skip,
+                        self.parallel_post_lambdas[i], self.parallel_resid_lambdas[i])
             x = lanes[0]  # the skip of the next decoder step mixes into the attention lane
-        if lanes is not None:
-            final = self.cfg.parallel_final_lane
-            x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[final]
-        return self.norm(x)
+        return run(type(self).stream_output, self, x, lanes)
 
     def logits(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
         return self.head(self.hidden(idx, docs))
@@ -448,7 +475,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", docs=None) -> torch.Tensor:
         x = self.hidden(idx, docs)
-        return (self.regions["loss"] if self.regions else type(self).loss)(self, x, targets, reduction)
+        return (self.regions or call)(type(self).loss, self, x, targets, reduction)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         logits = F.linear(x, self.output_weight().to(x.dtype))  # the softcap is inside the loss
@@ -489,26 +516,27 @@ def val_layout(cfg, seq_len: int, stride: int) -> str:
     return cfg.val_layout if stride in (0, seq_len) else "stream"
 
 
-def compile_model(model: GPT, mode: str):
+def compile_model(model: GPT, mode: str, backend: str = "inductor"):
     """What the training and validation steps call. `model` traces the whole forward (one graph per
-    layer order: unlooped and looped); `blocks` compiles call_block and the loss only, so all
-    layers and both orders share a few graphs (shorter compile, eager glue between blocks)."""
+    layer order: unlooped and looped); `blocks` compiles `call`, through which the forward runs each
+    layer with its skip and lane mixing, the input embedding and the loss: all layers and both orders
+    share a few graphs (about a third of the compile time; no fusion across layer boundaries)."""
     if mode == "model":
-        return torch.compile(model, dynamic=False, fullgraph=True)
+        return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
     if mode != "blocks":
         raise KnobError(f"COMPILE_MODE={mode!r}: expected 'model' or 'blocks'")
-    # graphs per block variant (XSA or not, serial or parallel) and mode (train, eval), above Dynamo's default 8
+    # graphs per layer kind (XSA or not, with or without a skip, serial or parallel) and mode (train,
+    # eval), above Dynamo's default limit of 8
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    regions = {"block": torch.compile(call_block, dynamic=False, fullgraph=True),
-               "loss": torch.compile(type(model).loss, dynamic=False, fullgraph=True)}
+    region = torch.compile(call, dynamic=False, fullgraph=True, backend=backend)
 
-    def call(*args, **kwargs):
-        model.regions = regions  # only for this call: TTT and calibration run the eager model
+    def run(*args, **kwargs):
+        model.regions = region  # only for this call: TTT and calibration run the eager model
         try:
             return model(*args, **kwargs)
         finally:
             model.regions = None
-    return call
+    return run
 
 
 TITLE = __doc__.strip().splitlines()[0]

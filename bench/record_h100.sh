@@ -2,7 +2,7 @@
 # The record stack (train_gpt.py defaults) on the SP8192 benchmark set, one GPU (SPEC.md section 9).
 #   bench/record_h100.sh proxy [SEED]  98,304 tokens/step, no accumulation (one rank's share), 180 s
 #   bench/record_h100.sh full          786,432 tokens/step, accumulation 8 (the exact 8-GPU math), 150 s
-#   BUDGET=150 bench/record_h100.sh proxy  another training budget (seconds) for the proxy
+#   BUDGET=150 bench/record_h100.sh proxy  another training budget (seconds) for the proxy (or full)
 #   bench/record_h100.sh smoke         proxy settings for 30 s: does everything compile and run
 #   PROFILE_STEPS=20 bench/record_h100.sh smoke   plus a kernel table of 20 steps per phase (golf/profile.py)
 # Builds the SP8192 benchmark set first from SOURCES (a copy of ../shared/data), unless it exists.
@@ -39,7 +39,7 @@ run() {
 }
 case "$MODE" in
   proxy) RUN_ID=${RUN_ID:-record_proxy_180s_seed$SEED} MAX_WALLCLOCK_SECONDS=${BUDGET:-180} TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 run ;;
-  full)  RUN_ID=${RUN_ID:-record_full_150s} MAX_WALLCLOCK_SECONDS=150 TRAIN_BATCH_TOKENS=786432 GRAD_ACCUM_STEPS=8 run ;;
+  full)  RUN_ID=${RUN_ID:-record_full_150s} MAX_WALLCLOCK_SECONDS=${BUDGET:-150} TRAIN_BATCH_TOKENS=786432 GRAD_ACCUM_STEPS=8 run ;;
   smoke) RUN_ID=${RUN_ID:-record_smoke} MAX_WALLCLOCK_SECONDS=30 TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 \
          TRAIN_LOG_EVERY=10 run ;;
   *) echo "usage: $0 proxy [SEED] | full | smoke" >&2; exit 2 ;;

@@ -542,3 +542,49 @@ def test_flex_matches_sdpa_on_cpu(isolate):
     assert torch.equal(a, c)  # the default on CPU is the SDPA path
     assert a.abs().max() > 1e-2
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- 12. compile modes
+@pytest.mark.parametrize("looping", [False, True])
+def test_blocks_mode_runs_everything_through_the_region(looping, monkeypatch):
+    """COMPILE_MODE=blocks: the forward calls `call` for the input, every layer (skip and lane mixing
+    included) and the loss, so nothing but Python runs between compiled graphs; same loss and grads."""
+    torch._dynamo.reset()
+    idx = tokens(B=2, T=40, bos_at=[(0, 13)])
+    targets = torch.roll(idx, -1, dims=1)
+    results = []
+    for mode in (None, "blocks"):
+        model = small_model(seed=3).train()
+        model.looping = looping
+        calls = []
+        if mode:
+            real = tg.torch.compile
+            monkeypatch.setattr(tg.torch, "compile", lambda fn, **kw: (lambda *a: calls.append(a[0]) or
+                                                                       real(fn, **kw)(*a)))
+        fwd = tg.compile_model(model, mode, backend="eager") if mode else model
+        loss = fwd(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, calls))
+        monkeypatch.undo()
+    (loss_e, grads_e, _), (loss_b, grads_b, calls) = results
+    assert torch.equal(loss_b, loss_e)
+    for name, g in grads_e.items():
+        assert torch.equal(grads_b[name], g), name
+    order = tg.layer_order(cfg_of(), looping)
+    names = [getattr(c, "__name__", type(c).__name__) for c in calls]
+    n_enc = len(order) // 2
+    assert names == (["stream_input"] + ["Block"] * n_enc + ["serial_decoder_layer"] * (len(order) - n_enc - 1)
+                     + ["parallel_decoder_layer", "stream_output", "loss"])
+    assert model.regions is None  # set only for the duration of a call: TTT runs the eager model
+
+
+def test_blocks_mode_compiles_fullgraph():
+    torch._dynamo.reset()
+    model = small_model(seed=4).train()
+    idx = tokens(B=2, T=40, bos_at=[(1, 9)])
+    fwd = tg.compile_model(model, "blocks", backend="eager")
+    with torch.no_grad():
+        ref = model(idx, torch.roll(idx, -1, dims=1))
+        assert torch.equal(fwd(idx, torch.roll(idx, -1, dims=1)), ref)
+    with pytest.raises(tg.KnobError, match="COMPILE_MODE='graph'"):
+        tg.compile_model(model, "graph")

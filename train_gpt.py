@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.shards import BOS_ID, load_stream
+import kernels
 from golf import dist
 from kernels.leaky_mlp import leaky_relu_sq_linear
 from kernels.softcap_ce import softcap_cross_entropy
@@ -333,9 +334,8 @@ def serial_decoder_layer(block, x, x0, docs, skip, skip_weight, skip_gate):
 
 
 def parallel_decoder_layer(block, x, lane1, x0, docs, skip, skip_weight, skip_gate, post, resid):
-    """Two residual lanes: the attention lane (x, with the skip mixed in) and the MLP lane (`lane1`;
-    None on the first parallel layer, where it starts from the stream before the skip)."""
-    lane1 = x if lane1 is None else lane1
+    """Two residual lanes: the attention lane (x, with the skip mixed in) and the MLP lane (`lane1`,
+    on the first parallel layer the stream before the skip)."""
     lane0 = mix_skip(x, skip, skip_weight, skip_gate)
     a, m = block(lane0, x0, docs, lane1)
     post, resid = post.to(x.dtype), resid.to(x.dtype)
@@ -439,7 +439,10 @@ class GPT(nn.Module):
         COMPILE_MODE=blocks), so no elementwise glue runs eagerly between the compiled layers."""
         docs = self.doc_info(idx) if docs is None else docs
         run = self.regions or call
-        x = x0 = run(type(self).stream_input, self, idx)
+        # one tensor passed as two arguments makes Dynamo compile another graph (it guards on `a is b`);
+        # a view is a distinct argument at no cost
+        x0 = run(type(self).stream_input, self, idx)
+        x = x0.view_as(x0)
         order = layer_order(self.cfg, self.looping or not self.training)
         n_enc = len(order) // 2
         skips, lanes = [], None
@@ -448,7 +451,7 @@ class GPT(nn.Module):
             block = self.blocks[i]
             if k < n_enc:
                 x = run(block, x, x0, docs)
-                skips.append(x)
+                skips.append(x.view_as(x))
                 continue
             d = k - n_enc
             skip = (skips.pop(), self.skip_weights[d], None if gates is None else gates[d]) \
@@ -456,7 +459,7 @@ class GPT(nn.Module):
             if i < self.parallel_start:
                 x = run(serial_decoder_layer, block, x, x0, docs, *skip)
                 continue
-            lanes = run(parallel_decoder_layer, block, x, None if lanes is None else lanes[1], x0, docs, *skip,
+            lanes = run(parallel_decoder_layer, block, x, x.view_as(x) if lanes is None else lanes[1], x0, docs, *skip,
                         self.parallel_post_lambdas[i], self.parallel_resid_lambdas[i])
             x = lanes[0]  # the skip of the next decoder step mixes into the attention lane
         return run(type(self).stream_output, self, x, lanes)
@@ -521,6 +524,9 @@ def compile_model(model: GPT, mode: str, backend: str = "inductor"):
     layer order: unlooped and looped); `blocks` compiles `call`, through which the forward runs each
     layer with its skip and lane mixing, the input embedding and the loss: all layers and both orders
     share a few graphs (about a third of the compile time; no fusion across layer boundaries)."""
+    # the kernel switch caches itself on first use; resolved inside a graph, the cache's change would
+    # fail that graph's guard and compile it twice
+    kernels.enabled(), kernels.triton_available()
     if mode == "model":
         return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
     if mode != "blocks":

@@ -7,6 +7,7 @@ import re
 from typing import Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 # first match wins; kernel names of cuBLAS/CUTLASS, FlexAttention/SDPA, Inductor/Triton, NCCL, copies
@@ -21,6 +22,27 @@ CATEGORIES = (
 
 def category(name: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+def kernel_rows(events, cuda: bool, steps: int) -> list[tuple[str, float, int]]:
+    """(name, ms per step, calls per step) per distinct name. On CUDA only the kernels themselves
+    count: an operator such as aten::mm carries the device time of the kernels it launched, and the
+    profiler may list one kernel under several entries (e.g. forward and backward threads)."""
+    acc: dict[str, list[float]] = {}
+    for e in events:
+        if cuda:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            if e.key.startswith("ProfilerStep"):
+                continue
+            us = e.self_cpu_time_total
+        if us > 0:
+            row = acc.setdefault(e.key, [0.0, 0])
+            row[0] += us
+            row[1] += e.count
+    return [(name, us / 1000 / steps, count // steps) for name, (us, count) in acc.items()]
 
 
 def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
@@ -38,11 +60,7 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    rows = []
-    for e in prof.key_averages():
-        us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if us > 0 and (cuda or not e.key.startswith("ProfilerStep")):
-            rows.append((e.key, us / 1000 / steps, e.count // steps))
+    rows = kernel_rows(prof.key_averages(), cuda, steps)
     total = sum(ms for _, ms, _ in rows) or 1e-12
     cats: dict[str, float] = {}
     for name, ms, _ in rows:

@@ -30,3 +30,19 @@ def test_profiled_run_trains_like_an_unprofiled_one(tmp_path):
         p = summary(profiled)["profiles"][phase]
         assert p["per_step_ms"] > 0 and p["kernels"] and abs(sum(p["categories"].values()) - p["per_step_ms"]) < 1e-6
     assert summary(plain)["profiles"] == {}
+
+
+def test_cuda_rows_count_kernels_once():
+    """On CUDA an operator row (aten::mm) carries its kernels' device time: only kernel rows count,
+    and one kernel listed twice (forward and backward threads) is one row."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from golf.profile import kernel_rows
+    events = [E(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=3000.0, self_cpu_time_total=50.0, count=6),
+              E(key="nvjet_gemm", device_type=DeviceType.CUDA, self_device_time_total=2000.0, self_cpu_time_total=0.0, count=4),
+              E(key="nvjet_gemm", device_type=DeviceType.CUDA, self_device_time_total=1000.0, self_cpu_time_total=0.0, count=2),
+              E(key="ProfilerStep#1", device_type=DeviceType.CPU, self_device_time_total=0.0, self_cpu_time_total=9.0, count=2)]
+    assert kernel_rows(events, cuda=True, steps=2) == [("nvjet_gemm", 1.5, 3)]
+    assert kernel_rows(events, cuda=False, steps=2) == [("aten::mm", 0.025, 3)]

@@ -588,3 +588,20 @@ def test_blocks_mode_compiles_fullgraph():
         assert torch.equal(fwd(idx, torch.roll(idx, -1, dims=1)), ref)
     with pytest.raises(tg.KnobError, match="COMPILE_MODE='graph'"):
         tg.compile_model(model, "graph")
+
+
+def test_blocks_mode_graph_count_at_the_defaults():
+    """Both training phases of the default model compile 7 graphs in blocks mode: the input, the
+    encoder block, serial and parallel decoder layers (with a skip), the last layer (no skip), the
+    output norm and the loss. A tensor passed twice to one call, or a guard on state that changes
+    after the first trace, would add graphs (and compile time) without a failure anywhere else."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tg.GPT(parse_knobs(tg.KNOBS, {"TRAIN_SEQ_LEN": "128"}))
+    fwd = tg.compile_model(model, "blocks", backend="eager")
+    idx = torch.randint(1, 8192, (1, 128), generator=torch.Generator().manual_seed(0))
+    for looping in (False, True, False):
+        model.looping = looping
+        fwd(idx, idx).backward()
+    assert counters["stats"]["unique_graphs"] == 7

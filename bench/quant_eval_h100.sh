@@ -18,14 +18,15 @@ BINS=${BINS:-$OUT}
 : "${CKPT:?set CKPT to a <RUN_ID>_model.pre.bin}"
 export DATA_PATH="${DATA_PATH:-$BENCH/datasets/bench_sp8192}" TOKENIZER_PATH="${TOKENIZER_PATH:-$BENCH/tokenizers/fineweb_8192_bpe.model}"
 export PYTHONUNBUFFERED=1 PHASED_TTT_PREFIX_DOCS="${PHASED_TTT_PREFIX_DOCS:-0.05}"
-# rq NAME --score|--stages KNOB=VALUE...
+# rq NAME --stages KNOB=VALUE...
 rq() { local name=$1 flag=$2; shift 2; env "$@" "$PY" -m quant requantize "$CKPT" -o "$BINS/rq_$name.bin" "$flag" 2>&1 | tee "$OUT/rq_$name.log"; }
 case "$MODE" in
-  quant)  # the slowest and most wanted row first: a call that runs out of time loses int8's, not LQER's
-    rq gptq6_lqer --score QUANT_METHOD=gptq LQER_ENABLED=1 FIT_BUDGET=0
-    rq gptq6 --score QUANT_METHOD=gptq LQER_ENABLED=0 FIT_BUDGET=0
-    rq rtn6 --score QUANT_METHOD=rtn LQER_ENABLED=0 FIT_BUDGET=0
-    rq int8 --score QUANT_METHOD=int8 ;;
+  quant)  # one process (checkpoint, data and pre-quant score loaded once); the most wanted row first
+    "$PY" -m quant requantize "$CKPT" -o "$BINS/rq_table" --score \
+      --variant gptq6_lqer:QUANT_METHOD=gptq,LQER_ENABLED=1,FIT_BUDGET=0 \
+      --variant gptq6:QUANT_METHOD=gptq,LQER_ENABLED=0,FIT_BUDGET=0 \
+      --variant rtn6:QUANT_METHOD=rtn,LQER_ENABLED=0,FIT_BUDGET=0 \
+      --variant int8:QUANT_METHOD=int8 2>&1 | tee "$OUT/rq_table.log" ;;
   eval) rq all_stages --stages EVAL_STRIDE=64 ;;
   lora) rq lora_ttt --stages EVAL_STRIDE=0 PHASED_TTT_NUM_PHASES=0 ;;
   *) echo "usage: $0 quant|eval|lora" >&2; exit 2 ;;

@@ -5,6 +5,8 @@
   python -m quant requantize RUN_model.pre.bin [--score] [--stages]
                                            quantize a saved checkpoint with the environment's
                                            quantization knobs, print sizes and (--score) val_bpb
+  python -m quant requantize RUN_model.pre.bin --score --variant NAME:KNOB=V,... [--variant ...]
+                                           several exports of one checkpoint in one process
 
 Each command is a function taking the parsed arguments, registered in COMMANDS by a `_add_*`
 function that declares its subparser.
@@ -43,6 +45,16 @@ def _add_pack(sub) -> None:
 def _requantize(args: argparse.Namespace) -> int:
     from quant.requantize import requantize
 
+    if args.variant:
+        if args.stages:
+            raise SystemExit("requantize: --stages scores one export; run it without --variant")
+        from quant.requantize import parse_variant, requantize_variants
+        try:
+            variants = [parse_variant(v) for v in args.variant]
+        except ValueError as e:
+            raise SystemExit(str(e))
+        requantize_variants(args.checkpoint, variants, args.out, score=args.score)
+        return 0
     requantize(args.checkpoint, args.out, score=args.score or args.stages, stages=args.stages)
     return 0
 
@@ -52,7 +64,10 @@ def _add_requantize(sub) -> None:
                        description="Re-quantize <RUN_ID>_model.pre.bin (with <RUN_ID>_hessians.bin beside it) using "
                                    "the quantization knobs in the environment; no retraining.")
     p.add_argument("checkpoint", help="a <RUN_ID>_model.pre.bin written by a training run")
-    p.add_argument("-o", "--out", help="model bytes file (default: beside the checkpoint)")
+    p.add_argument("-o", "--out", help="model bytes file, or with --variant a folder (default: beside the checkpoint)")
+    p.add_argument("--variant", action="append", metavar="NAME:KNOB=VALUE,...",
+                   help="an export with these knobs over the environment's; repeat for several in one process "
+                        "(the checkpoint, data and pre-quant score are loaded once)")
     p.add_argument("--score", action="store_true", help="also score pre-quant and round-trip val_bpb on DATA_PATH")
     p.add_argument("--stages", action="store_true", help="also run the sliding-window and TTT stages (implies --score)")
     p.set_defaults(func=_requantize)

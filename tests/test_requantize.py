@@ -1,9 +1,11 @@
 """Re-quantizing a saved checkpoint reproduces the training run's own export, and takes other knobs."""
 import os
+import re
 
 import pytest
 
-from quant.requantize import requantize
+from golf.config import KnobError
+from quant.requantize import parse_variant, requantize, requantize_variants
 from tests.trainer_runs import TINY, run_trainer, summary
 
 
@@ -51,3 +53,51 @@ def test_requantize_refuses_a_model_shape_from_the_environment(trained, monkeypa
 def test_requantize_names_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="pre.bin"):
         requantize(str(tmp_path / "nope_model.pre.bin"))
+
+
+def test_variants_in_one_process_equal_separate_runs(trained, monkeypatch, capsys):
+    """--variant: each export and score equals a separate requantize with the same knobs; the
+    pre-quant score is computed once and shared."""
+    env_for(monkeypatch)
+    single = {"gptq": requantize(str(trained / "t_model.pre.bin"), str(trained / "one_gptq.bin"), score=True)}
+    env_for(monkeypatch, QUANT_METHOD="rtn", EMBED_BITS="4", LQER_ENABLED="0", COMPRESSOR="lzma")
+    single["rtn4"] = requantize(str(trained / "t_model.pre.bin"), str(trained / "one_rtn4.bin"), score=True)
+    for k in ("QUANT_METHOD", "EMBED_BITS", "LQER_ENABLED", "COMPRESSOR"):
+        monkeypatch.delenv(k)
+    capsys.readouterr()
+    variants = [("gptq", {}), ("rtn4", {"QUANT_METHOD": "rtn", "EMBED_BITS": "4", "LQER_ENABLED": "0", "COMPRESSOR": "lzma"})]
+    many = requantize_variants(str(trained / "t_model.pre.bin"), variants, str(trained / "variants"), score=True)
+    out = capsys.readouterr().out
+    assert out.count("final_prequant_exact") == 1
+    for name, r in many.items():
+        assert (trained / "variants" / f"{name}.bin").read_bytes() == (trained / f"one_{name}.bin").read_bytes()
+        assert (trained / "variants" / f"{name}.json").is_file()
+        assert r["label"] == single[name]["label"] and r["bytes"] == single[name]["bytes"]
+        assert r["stages"] == single[name]["stages"]
+        assert r["quant_gap_bpb"] == single[name]["quant_gap_bpb"]
+        assert re.search(rf"^variant {name}\s+{re.escape(r['label'])} total_bytes:{r['bytes']['total']} quant_gap:", out, re.M)
+    assert re.search(r"^rtn4: final_quant_roundtrip_exact ", out, re.M)
+
+
+def test_variant_errors_come_before_any_export(trained, monkeypatch):
+    env_for(monkeypatch)
+    with pytest.raises(ValueError, match="expected NAME:KNOB=VALUE"):
+        parse_variant("rtn:QUANT_METHOD")
+    with pytest.raises(ValueError, match="expected NAME:KNOB=VALUE"):
+        parse_variant("just_a_name")
+    assert parse_variant("plain:") == ("plain", {})
+    with pytest.raises(KnobError, match="LQER_RANK"):  # a misspelled knob names the closest one
+        requantize_variants(str(trained / "t_model.pre.bin"), [("a", {}), ("b", {"LQER_RANKK": "2"})],
+                            str(trained / "bad"))
+    assert not (trained / "bad" / "a.bin").exists()
+    with pytest.raises(ValueError, match="names must differ"):
+        requantize_variants(str(trained / "t_model.pre.bin"), [("a", {}), ("a", {})])
+
+
+def test_cli_variant_errors_are_one_line(trained):
+    from quant.__main__ import main
+    ckpt = str(trained / "t_model.pre.bin")
+    with pytest.raises(SystemExit, match="expected NAME:KNOB=VALUE"):
+        main(["requantize", ckpt, "--variant", "rtn:QUANT_METHOD"])
+    with pytest.raises(SystemExit, match="--stages scores one export"):
+        main(["requantize", ckpt, "--stages", "--variant", "a:"])

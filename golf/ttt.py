@@ -42,6 +42,7 @@ BOS_ID = 1
 BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 TARGETS = tuple(BLOCK_TARGETS) + ("head",)
 _CALLS = 0
+_COPIES = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TTTSettings:
     pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
     micro_tokens: int = 32768  # most window tokens per forward/backward; larger batches accumulate
     seed: int = 0
+    compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -178,6 +180,35 @@ def _add_delta(lora: BatchedLoRA):
     return hook
 
 
+def _region_call(fn, *args):
+    return fn(*args)
+
+
+def compiled_regions(backend: str = "inductor") -> Callable:
+    """A compiled `fn(*args)` for the model's `regions` hook (train_gpt.GPT.hidden runs its input, every
+    layer and its output through it), with shapes dynamic: TTT windows change rows and width every
+    chunk. Each call returns a fresh copy of the function (its own code object, so its own graph
+    cache): graphs traced with one evaluation's LoRA hooks are never reused by another evaluation
+    or by training (Dynamo does not guard on hooks)."""
+    global _COPIES
+    _COPIES += 1
+    code = _region_call.__code__.replace(co_name=f"ttt_region_{_COPIES}")
+    fn = type(_region_call)(code, _region_call.__globals__, code.co_name)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+    def static(a):
+        """Slices of parameters (skip weights, lane lambdas; a few numbers each) as static copies: a
+        dynamic (2, 2) lambda, or its parameter as the view's base, would be unified with a batch of
+        2 rows and specialise the graph to it."""
+        if isinstance(a, torch.Tensor) and isinstance(a._base, nn.Parameter):
+            a = a.clone()
+            torch._dynamo.mark_static(a)
+        return a
+
+    return lambda *args: compiled(*map(static, args))
+
+
 def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, first: int = 0) -> torch.Tensor:
     """Per-token nats of positions first.. of each row (the LM head runs on those positions only)."""
     with autocast:
@@ -241,13 +272,22 @@ def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: 
         first = lo - w0  # the chunk is the window's tail: logits for its positions only
         for g0 in range(0, len(active), per_pass):
             rows = active[g0 : g0 + per_pass]
+            # compiled, a lone row would get graphs of its own (Dynamo specialises sizes of 1): it
+            # runs with a masked copy of itself instead, which adds nothing to loss or gradients
+            lone = len(rows) == 1 and model.regions is not None
+            if lone:
+                rows = np.repeat(rows, 2)
             if adapters is not None:
                 adapters.select(torch.from_numpy(rows).to(device))
             x, y, valid, idx = _rows(tokens, docs[rows], w0, hi, width)
+            if lone:
+                valid[1:] = False
             scored, idx = valid[:, first:], idx[:, first:]
             xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             mask = torch.from_numpy(scored).to(device)
-            with torch.set_grad_enabled(train):
+            # compiled regions: always with grad (the last chunk just skips its backward), so no
+            # separate no-grad graphs are compiled for it
+            with torch.set_grad_enabled(train or (adapters is not None and model.regions is not None)):
                 nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast, first)
             meter.update(nats.detach()[mask], torch.from_numpy(byte_counts[idx[scored] + 1]).to(device))
             scored_tokens += int(scored.sum())
@@ -301,9 +341,10 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
 
 def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSettings, device,
                  autocast=None, lora: bool = True, token_nats: np.ndarray | None = None,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, backend: str = "inductor") -> dict:
     """Score-first TTT over the whole stream. `lora=False` scores without adapters (phases still run).
-    The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds."""
+    The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (compile
+    included when `s.compile`; `backend` is torch.compile's, for tests)."""
     global _CALLS
     _CALLS += 1
     call = _CALLS  # store keys unique per call; every rank calls in the same order
@@ -319,6 +360,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
         p.requires_grad_(False)
     meter, scored = BpbMeter(device), 0
     adapters = Adapters(model, s, s.batch_docs, device) if lora else None
+    if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
+        model.regions = compiled_regions(backend)
     try:
         done = []
         for k, batches in enumerate(phases):
@@ -335,13 +378,18 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
             if k < len(phases) - 1:
                 if adapters is not None:
                     adapters.enable(False)
+                # eager: the pass is one forward/backward per scored token, a small part of TTT's time,
+                # and compiled it would need its own graphs (trainable base weights, adapters off)
+                regions, model.regions = model.regions, None
                 global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
+                model.regions = regions
                 if adapters is not None:
                     adapters.enable(True)
                 if log:
                     log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
                         f"elapsed:{time.perf_counter() - t0:.1f}s")
     finally:
+        model.regions = None
         if adapters is not None:
             adapters.remove()
         model.load_state_dict(saved)

@@ -252,6 +252,29 @@ def test_ttt_micro_batches_are_exact(model, val):
     assert np.abs(split - whole).mean() < 1e-6
 
 
+def test_compiled_ttt_scores_like_eager(model, val):
+    """TTT_COMPILE: LoRA scoring runs the layers through regions compiled with dynamic shapes (the LoRA
+    hooks traced inside); phased, so the eager global pass runs between compiled batches. Same scores
+    as eager, few graphs, and the model keeps no regions afterwards. Float64 at a calm learning rate: the logits are float32, and
+    at the small tests' usual lr a rounding difference of another op order grows ~2x per step."""
+    from torch._dynamo.utils import counters
+    tokens, bytes_ = val
+    torch._dynamo.reset()
+    counters.clear()
+    kw = dict(phase_ends=(2,), lr=CALM_LR, global_lr=CALM_LR)
+    with float64():
+        m64 = copy.deepcopy(model).double()
+        eager, _ = ttt_scores(m64, tokens, bytes_, small_ttt(**kw))
+        nats = np.full(len(tokens) - 1, np.nan)
+        r = ttt.evaluate_ttt(m64, tokens, bytes_, small_ttt(**kw, compile=True), CPU, token_nats=nats,
+                             backend="aot_eager")  # Dynamo and AOT autograd as with Inductor, without codegen
+    assert m64.regions is None and r["tokens"] == len(tokens) - 1
+    np.testing.assert_allclose(nats, eager, atol=1e-6)
+    # one graph per piece for every window width and row count: input, block at layer 0 (input
+    # without grad) and after, serial and parallel decoder layers, output; the global pass is eager
+    assert counters["stats"]["unique_graphs"] == 6
+
+
 def test_ttt_restores_the_model(model, val):
     tokens, bytes_ = val
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -774,13 +774,14 @@ def main(recipe: Recipe = Recipe()) -> None:
     trainer = packed_trainer(recipe.script)
     code_bytes = len(trainer)
     t0 = time.perf_counter()
-    label, blob, over_cap, fit_steps = export_label(cfg), b"", None, []
+    label, blob, over_cap, fit_steps, unfitted = export_label(cfg), b"", None, [], None
     if info.is_main:
         try:
-            blob, fit_steps = quantize_and_pack(cfg, state, hessians, code_bytes, log)
+            blob, fit_steps, unfitted = quantize_and_pack(cfg, state, hessians, code_bytes, log)
         except ArtifactTooLarge as e:  # only without the fitter or when even it fails: the blob is kept
             over_cap, blob = e, e.blob
     blob = dist.broadcast_bytes(blob, device)
+    unfitted = dist.broadcast_bytes(unfitted or b"", device)
     export_s = time.perf_counter() - t0
     for line in size_log_lines(code_bytes, len(blob), label):
         log(line)
@@ -800,12 +801,20 @@ def main(recipe: Recipe = Recipe()) -> None:
         (log_dir / f"{run_id}_model.{cfg.quant_method}.bin").write_bytes(blob)
         (log_dir / f"{run_id}_trainer.py").write_bytes(trainer)  # the code bytes counted, for record folders
     t0 = time.perf_counter()
+    if unfitted:  # what the budget fitter's changes cost: the export as configured, scored first
+        base_model.load_state_dict(export.unpack(unfitted))
+        u_loss, u_bpb = validate()
     base_model.load_state_dict(unpack_int8(blob) if cfg.quant_method == "int8" else export.unpack(blob))
     q_loss, q_bpb = validate()
     stage = "int8_zlib_roundtrip" if cfg.quant_method == "int8" else "quant_roundtrip"
     log(f"final_{stage} val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} eval_time:{time.perf_counter() - t0:.1f}s")
     log(f"final_{stage}_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
     stages[stage] = {"val_loss": q_loss, "val_bpb": q_bpb, "gap_vs_prequant": q_bpb - pre_bpb}
+    if unfitted:
+        log(f"export_fit_cost val_bpb:{q_bpb - u_bpb:+.5f} (unfitted {u_bpb:.5f}, {len(unfitted)} model bytes; "
+            f"fitted {q_bpb:.5f}, {len(blob)})")
+        stages["unfitted_roundtrip"] = {"val_loss": u_loss, "val_bpb": u_bpb, "model_bytes": len(unfitted),
+                                        "fit_cost_bpb": q_bpb - u_bpb}
     stages.update(final_stages(cfg, base_model, val_tokens, byte_counts, validate, autocast, device, log))
     eval_s = time.perf_counter() - t0
     log(f"eval_total_time:{eval_s:.1f}s (artifact deserialization and every scored stage, compile warm-ups included)")
@@ -874,16 +883,18 @@ def quant_settings(cfg) -> export.QuantSettings:
         lqer_top_k=cfg.lqer_top_k, compressor=cfg.compressor, gptq=cfg.quant_method == "gptq")
 
 
-def quantize_and_pack(cfg, state, hessians, code_bytes: int, log) -> tuple[bytes, list[dict]]:
-    """The model bytes of the artifact, and the budget fitter's steps (none for int8 or FIT_BUDGET=0)."""
+def quantize_and_pack(cfg, state, hessians, code_bytes: int, log) -> tuple[bytes, list[dict], bytes | None]:
+    """The model bytes of the artifact, the budget fitter's steps (none for int8 or FIT_BUDGET=0), and
+    the unfitted model bytes when the fitter changed anything (None otherwise), to score its cost."""
     if cfg.quant_method == "int8":
-        return pack_int8({k: v.cpu() for k, v in state.items()}), []
+        return pack_int8({k: v.cpu() for k, v in state.items()}), [], None
     if cfg.quant_method not in ("gptq", "rtn"):
         raise KnobError(f"QUANT_METHOD={cfg.quant_method!r}: expected gptq, rtn or int8")
-    qs = quant_settings(cfg)
+    qs, unfitted = quant_settings(cfg), None
     if cfg.fit_budget:
         try:
-            blob, qs, steps, qm = export.fit_to_budget(state, hessians, qs, code_bytes, log=log)
+            blob, qs, steps, qm, first = export.fit_to_budget(state, hessians, qs, code_bytes, log=log)
+            unfitted = first if len(steps) > 1 else None
         except ArtifactTooLarge as e:  # log it and score the unfitted model anyway; the run still fails
             e.blob = export.pack(export.quantize_state(state, hessians, qs), qs.compressor)
             raise
@@ -892,7 +903,7 @@ def quantize_and_pack(cfg, state, hessians, code_bytes: int, log) -> tuple[bytes
         blob = export.pack(qm, qs.compressor)
     for line in export.describe(qm):
         log(line)
-    return blob, steps
+    return blob, steps, unfitted
 
 
 def ttt_settings(cfg, n_docs: int) -> TTTSettings:

@@ -73,6 +73,8 @@ def broadcast_bytes(data: bytes, device: torch.device) -> bytes:
         return data
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, 0)
+    if size.item() == 0:  # torch.frombuffer refuses an empty buffer
+        return b""
     buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
     if dist.get_rank() == 0:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))

@@ -474,14 +474,14 @@ def unpack(blob: bytes) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- budget
 def fit_to_budget(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor] | None,
                   qs: QuantSettings, code_bytes: int, cap: int = ARTIFACT_CAP, log: Callable[[str], Any] = print,
-                  max_steps: int = 40) -> tuple[bytes, QuantSettings, list[dict], QuantizedModel]:
+                  max_steps: int = 40) -> tuple[bytes, QuantSettings, list[dict], QuantizedModel, bytes]:
     """Quantize and pack; while code + model bytes exceed cap, first drop LQER corrections one at a
     time (lowest-ranked first; no re-quantization) if together they are at least the overshoot, then
     widen every SD-clip by 1.04x per step (coarser grid, fewer bytes; re-quantizes). Returns (blob, settings used, steps, the packed
-    QuantizedModel); raises
+    QuantizedModel, the first blob: the unfitted export, whose score gives the fitter's cost); raises
     ArtifactTooLarge, saying by how many bytes, if it does not fit after max_steps changes."""
     qm = quantize_state(state, hessians, qs)
-    blob = pack(qm, qs.compressor)
+    blob = first = pack(qm, qs.compressor)
     steps: list[dict] = []
     clip_scale = 1.0
 
@@ -515,7 +515,7 @@ def fit_to_budget(state: Mapping[str, torch.Tensor], hessians: Mapping[str, torc
             change = f"clips_x{clip_scale:.4f}"
         blob = pack(qm, qs.compressor)
         record(change)
-    return blob, qs, steps, qm
+    return blob, qs, steps, qm, first
 
 
 # ----------------------------------------------------------------------------- report

@@ -107,7 +107,7 @@ def _export(cfg, state, hessians, path: Path, hessian_path: Path, out_path: Path
     print(f"{prefix}requantize {path} method:{cfg.quant_method} hessians:{'yes' if hessians else 'no'}")
     code = packed_code_bytes(tg.__file__)
     t0 = time.perf_counter()
-    blob, fit_steps = tg.quantize_and_pack(cfg, state, hessians, code, lambda line: print(prefix + line))
+    blob, fit_steps, _ = tg.quantize_and_pack(cfg, state, hessians, code, lambda line: print(prefix + line))
     export_s = time.perf_counter() - t0
     label = tg.export_label(cfg)
     for line in size_log_lines(code, len(blob), label):

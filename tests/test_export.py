@@ -297,7 +297,7 @@ def test_fit_drops_lqer_then_widens_clips(model_state, qm, blob):
     lines = []
     no_lqer = len(pack(quantize_state(state, hessians, QuantSettings(small_numel=1024, lqer_enabled=False))))
     cap = CODE_BYTES + no_lqer - 1  # every LQER correction dropped is still 1 byte too many
-    out, qs_used, steps, _ = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=cap, log=lines.append)
+    out, qs_used, steps, _, first = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=cap, log=lines.append)
     assert CODE_BYTES + len(out) <= cap
     assert steps[0]["change"] == "initial" and steps[0]["model_bytes"] == len(blob)
     assert [s["change"].startswith("drop_lqer") for s in steps[1:]] == \
@@ -308,13 +308,14 @@ def test_fit_drops_lqer_then_widens_clips(model_state, qm, blob):
     assert qs_used.embed_clip_sigmas == pytest.approx(14.0 * 1.04 ** n_clip)
     assert len(lines) == len(steps) and "fits" in lines[-1] and "over:" in lines[0]
     assert unpack(out).keys() == state.keys()
+    assert first == blob  # the unfitted export, for the fitter's cost
 
 
 def test_fit_keeps_lqer_when_dropping_it_cannot_close_the_gap(model_state, qm, blob):
     state, hessians = model_state
     assert qm.lqer and QS.lqer_top_k == len(qm.lqer)
     cap = CODE_BYTES + len(blob) - lqer_bytes(qm) - 1  # more over than all corrections weigh
-    out, qs_used, steps, qm_used = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=cap, log=lambda s: None)
+    out, qs_used, steps, qm_used, _ = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=cap, log=lambda s: None)
     assert CODE_BYTES + len(out) <= cap
     assert all(s["change"].startswith("clips_x") for s in steps[1:]) and len(steps) > 1
     assert qs_used.lqer_top_k == QS.lqer_top_k and len(qm_used.lqer) == QS.lqer_top_k
@@ -322,8 +323,8 @@ def test_fit_keeps_lqer_when_dropping_it_cannot_close_the_gap(model_state, qm, b
 
 def test_fit_that_already_fits_changes_nothing(model_state, blob):
     state, hessians = model_state
-    out, qs_used, steps, _ = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=CODE_BYTES + len(blob), log=lambda s: None)
-    assert out == blob and qs_used == QS and len(steps) == 1
+    out, qs_used, steps, _, first = fit_to_budget(state, hessians, QS, CODE_BYTES, cap=CODE_BYTES + len(blob), log=lambda s: None)
+    assert out == blob == first and qs_used == QS and len(steps) == 1
 
 
 def test_impossible_cap_raises_with_the_overshoot(model_state):
@@ -375,3 +376,25 @@ def test_bad_inputs_name_the_tensor(model_state):
         QuantSettings(matrix_bits=9)
     with pytest.raises(ValueError, match="compressor"):
         QuantSettings(compressor="zstd")
+
+
+def test_trainer_export_returns_the_unfitted_blob_when_the_fitter_acts(model_state, blob, monkeypatch):
+    """quantize_and_pack hands back the export as configured whenever the fitter changed anything,
+    so the trainer can score and log what fitting cost (export_fit_cost); None when nothing changed."""
+    import functools
+
+    state, hessians = model_state
+    cfg = tg.parse_knobs(tg.KNOBS, {})
+    settings = tg.quant_settings
+
+    def configured(c):
+        return dataclasses.replace(settings(c), small_numel=QS.small_numel)
+    monkeypatch.setattr(tg, "quant_settings", configured)
+    unfitted_size = len(pack(quantize_state(state, hessians, configured(cfg))))
+    for cap, acts in ((CODE_BYTES + unfitted_size - 1, True), (CODE_BYTES + unfitted_size, False)):
+        monkeypatch.setattr(tg.export, "fit_to_budget", functools.partial(fit_to_budget, cap=cap))
+        out, steps, unfitted = tg.quantize_and_pack(cfg, state, hessians, CODE_BYTES, lambda line: None)
+        if acts:
+            assert len(steps) > 1 and len(unfitted) == unfitted_size and len(out) < unfitted_size
+        else:
+            assert len(steps) == 1 and unfitted is None and len(out) == unfitted_size

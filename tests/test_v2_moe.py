@@ -151,7 +151,7 @@ def test_som_frozen_experts_stay_out_of_the_artifact_and_regenerate_on_load():
     pre = deserialize(serialize(state))[0]  # the pre.bin checkpoint holds the same tensors
     assert pre.keys() == state.keys()
     cfg = cfg_of(QUANT_METHOD="rtn", FIT_BUDGET=0, **SOM)
-    blob, _ = tg.quantize_and_pack(cfg, state, None, 0, lambda line: None)
+    blob, _, _ = tg.quantize_and_pack(cfg, state, None, 0, lambda line: None)
     loaded = export.unpack(blob)
     assert loaded.keys() == state.keys()
     assert len(blob) < frozen  # far below even one byte per frozen value

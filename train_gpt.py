@@ -538,7 +538,7 @@ def compile_model(model: GPT, mode: str, backend: str = "inductor"):
     region = torch.compile(call, dynamic=False, fullgraph=True, backend=backend)
 
     def run(*args, **kwargs):
-        model.regions = region  # only for this call: TTT and calibration run the eager model
+        model.regions = region  # only for this call: calibration runs the eager model, TTT eager or its own regions
         try:
             return model(*args, **kwargs)
         finally:

@@ -140,20 +140,25 @@ class BpbMeter:
         self._local = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, bytes, tokens
         self._global: torch.Tensor | None = None
 
-    def update(self, nats: torch.Tensor, nbytes: torch.Tensor) -> None:
-        """Adds per-token losses (nats) and the byte counts of the same scored tokens."""
-        if nats.numel() != nbytes.numel():
+    def update(self, nats: torch.Tensor, nbytes: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Adds per-token losses (nats) and the byte counts of the same scored tokens; with `mask`
+        (same shape), only the positions where it is true count. The mask form never waits for the
+        device, where selecting by it (nats[mask]) would."""
+        if nats.numel() != nbytes.numel() or (mask is not None and mask.shape != nats.shape):
             raise ValueError(
-                f"BpbMeter.update: nats has {nats.numel()} elements but nbytes has {nbytes.numel()}; "
-                "they must describe the same scored tokens"
+                f"BpbMeter.update: nats has {nats.numel()} elements, nbytes {nbytes.numel()}"
+                + (f", mask shape {tuple(mask.shape)} vs nats {tuple(nats.shape)}" if mask is not None else "")
+                + "; they must describe the same scored tokens"
             )
         self._global = None
-        sums = torch.stack([
-            nats.detach().to(device=self.device, dtype=torch.float64).sum(),
-            nbytes.detach().to(device=self.device, dtype=torch.float64).sum(),
-        ])
-        self._local[:2] += sums
-        self._local[2] += nats.numel()
+        nats = nats.detach().to(device=self.device, dtype=torch.float64)
+        nbytes = nbytes.detach().to(device=self.device, dtype=torch.float64).reshape(nats.shape)
+        if mask is None:
+            self._local += torch.stack([nats.sum(), nbytes.sum(), nats.new_tensor(float(nats.numel()))])
+        else:
+            mask = mask.to(self.device)
+            self._local += torch.stack([torch.where(mask, nats, 0).sum(), torch.where(mask, nbytes, 0).sum(),
+                                        mask.sum().to(torch.float64)])
 
     def all_reduce(self) -> None:
         """Sums totals across ranks (a no-op when torch.distributed is not initialised)."""

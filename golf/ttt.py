@@ -206,7 +206,13 @@ def compiled_regions(backend: str = "inductor") -> Callable:
             torch._dynamo.mark_static(a)
         return a
 
-    return lambda *args: compiled(*map(static, args))
+    def run(*args):
+        # no duck sizing: a first window of 64 rows x 64 positions would tie rows to width in every
+        # graph, and the next width would compile the whole set again (measured: 222 s, then 138 s)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*map(static, args))
+
+    return run
 
 
 def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, first: int = 0) -> torch.Tensor:
@@ -219,6 +225,13 @@ def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, first: 
         logits = model.head(h, head_delta=head_delta)
     y = y[:, first:]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def _to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A host array on `device` without waiting for it: a copy from pageable memory synchronises the
+    stream first (every pass would stall the GPU queue), one from pinned memory does not."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _rows(tokens: np.ndarray, docs: np.ndarray, lo: int, hi: int, width: int):
@@ -255,7 +268,8 @@ def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: 
     n_max = int((docs[:, 1] - docs[:, 0]).max())
     opt = None
     if adapters is not None:
-        opt = torch.optim.AdamW(adapters.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+        opt = torch.optim.AdamW(adapters.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay,
+                                fused=device.type == "cuda")
     scored_tokens = 0
     n_chunks = -(-n_max // s.chunk)
     for c in range(n_chunks):
@@ -278,18 +292,17 @@ def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: 
             if lone:
                 rows = np.repeat(rows, 2)
             if adapters is not None:
-                adapters.select(torch.from_numpy(rows).to(device))
+                adapters.select(_to_device(rows, device))
             x, y, valid, idx = _rows(tokens, docs[rows], w0, hi, width)
             if lone:
                 valid[1:] = False
             scored, idx = valid[:, first:], idx[:, first:]
-            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            mask = torch.from_numpy(scored).to(device)
+            xt, yt, mask = _to_device(x, device), _to_device(y, device), _to_device(scored, device)
             # compiled regions: always with grad (the last chunk just skips its backward), so no
             # separate no-grad graphs are compiled for it
             with torch.set_grad_enabled(train or (adapters is not None and model.regions is not None)):
                 nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast, first)
-            meter.update(nats.detach()[mask], torch.from_numpy(byte_counts[idx[scored] + 1]).to(device))
+            meter.update(nats, _to_device(byte_counts[idx + 1], device), mask)
             scored_tokens += int(scored.sum())
             if token_nats is not None:
                 token_nats[idx[scored]] = nats.detach()[mask].double().cpu().numpy()
@@ -298,6 +311,24 @@ def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: 
         if train:
             opt.step()
     return scored_tokens
+
+
+def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> float:
+    """Compiles the regions before the first real batch, so their compile time is reported apart from
+    scoring: random tokens, up to three documents of two chunks and a bit (3 rows, then 2; adapter steps
+    and a last chunk), with throwaway scores. The adapters are reset before every real batch anyway.
+    Returns the seconds taken."""
+    t0 = time.perf_counter()
+    n = 2 * s.chunk + 5
+    vocab = model.tok_emb.weight.shape[0]
+    tokens = np.random.default_rng(0).integers(2, vocab, 3 * n + 1)
+    tokens[[0, n, 2 * n, 3 * n]] = BOS_ID
+    docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - s.chunk]][: s.batch_docs], dtype=np.int64)
+    score_batch(model, adapters, tokens, docs, np.ones(len(tokens), dtype=np.int64), s, BpbMeter(device),
+                device, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
@@ -320,8 +351,8 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
             per_pass = max(1, s.micro_tokens // width)
             for g0 in range(0, len(mine), per_pass):
                 x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
-                mask = torch.from_numpy(valid).to(device)
-                nats = _nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), None, autocast)
+                mask = _to_device(valid, device)
+                nats = _nats(model, _to_device(x, device), _to_device(y, device), None, autocast)
                 (nats * mask).sum().backward()
                 count += mask.sum()
             for p in params:
@@ -343,8 +374,9 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                  autocast=None, lora: bool = True, token_nats: np.ndarray | None = None,
                  log: Callable[[str], None] | None = None, backend: str = "inductor") -> dict:
     """Score-first TTT over the whole stream. `lora=False` scores without adapters (phases still run).
-    The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (compile
-    included when `s.compile`; `backend` is torch.compile's, for tests)."""
+    The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (all of
+    it, the compile warmup of `s.compile` included), compile_seconds (that warmup), docs, phase_ends;
+    `backend` is torch.compile's, for tests."""
     global _CALLS
     _CALLS += 1
     call = _CALLS  # store keys unique per call; every rank calls in the same order
@@ -360,9 +392,13 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
         p.requires_grad_(False)
     meter, scored = BpbMeter(device), 0
     adapters = Adapters(model, s, s.batch_docs, device) if lora else None
-    if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
-        model.regions = compiled_regions(backend)
+    compile_seconds = 0.0
     try:
+        if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
+            model.regions = compiled_regions(backend)
+            compile_seconds = warm_up(model, adapters, s, device, autocast)
+            if log:
+                log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
         done = []
         for k, batches in enumerate(phases):
             counter = _Counter(f"ttt_{call}_phase_{k}")
@@ -373,7 +409,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                                       autocast, token_nats)
                 if log and i % 8 == 0:  # the longest documents come first: early batches are the slow ones
                     log(f"ttt_progress phase:{k + 1}/{len(phases)} batch:{i + 1}/{len(batches)} "
-                        f"elapsed:{time.perf_counter() - t0:.1f}s")
+                        f"tokens:{scored} elapsed:{time.perf_counter() - t0:.1f}s")
             done.extend(b for batch in batches for b in batch)
             if k < len(phases) - 1:
                 if adapters is not None:
@@ -399,4 +435,4 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     meter.all_reduce()
     loss, bpb = meter.result()
     return {"val_loss": loss, "val_bpb": bpb, "tokens": meter.tokens, "seconds": time.perf_counter() - t0,
-            "docs": len(docs), "phase_ends": list(s.phase_ends)}
+            "compile_seconds": compile_seconds, "docs": len(docs), "phase_ends": list(s.phase_ends)}

@@ -165,6 +165,19 @@ def test_meter_float64_and_result():
         BpbMeter("cpu").result()
 
 
+def test_meter_mask_counts_what_selecting_counts():
+    rng = np.random.default_rng(2)
+    nats = torch.from_numpy(rng.uniform(0, 10, (5, 48)))
+    bytes_ = torch.from_numpy(rng.integers(0, 6, (5, 48)))
+    mask = torch.from_numpy(rng.random((5, 48)) < 0.6)
+    picked, masked = BpbMeter("cpu"), BpbMeter("cpu")
+    picked.update(nats[mask], bytes_[mask])
+    masked.update(nats, bytes_, mask)
+    assert (masked.nats, masked.bytes, masked.tokens) == (picked.nats, picked.bytes, picked.tokens)
+    with pytest.raises(ValueError, match="mask shape"):
+        masked.update(nats, bytes_, mask[:, :47])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,133 @@
+"""LoRA TTT speed probe on synthetic documents (issue 8): wall time of each batch of golf.ttt.score_batch,
+eager or through TTT_COMPILE's regions, with Dynamo's graph count and compile time as it goes. No data,
+no checkpoint: the model is train_gpt.py's at the knobs in the environment, randomly initialised (TTT's
+speed does not depend on the weights), and the documents are random tokens of the given lengths.
+
+  python bench/ttt_probe.py --compile 1 --lengths 2600x64,900x64,300x64     # on the GPU
+  TORCH_LOGS=recompiles python bench/ttt_probe.py --compile 1 --trace       # why each graph compiled
+  python bench/ttt_probe.py --smoke                                          # CPU self-test, tiny model
+
+Compiled, first `compile_warmup:S` (golf.ttt.warm_up). One line per batch: `batch:i docs:n max_len:L
+tokens:N seconds:S tokens_per_s:R graphs:G`; with --trace, one line per forward (window width, rows,
+seconds since the previous one, graphs so far); with --profile-len, a kernel table of one more batch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+from golf import ttt  # noqa: E402
+from golf.bpb import BpbMeter  # noqa: E402
+from golf.config import parse_knobs  # noqa: E402
+from golf.profile import profile_lines, profile_steps  # noqa: E402
+
+SMOKE = {"NUM_LAYERS": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "256",
+         "LOOP_START": "1", "LOOP_END": "1", "XSA_LAST_N": "1", "PARALLEL_START_LAYER": "2", "ROPE_DIMS": "8",
+         "TTT_LORA_RANK": "4", "TTT_BATCH_DOCS": "4"}
+
+
+def synthetic(lengths: list[int], vocab: int, seed: int) -> np.ndarray:
+    """A stream of documents of the given lengths: BOS then random tokens (ids >= 2), one BOS at the end."""
+    rng = np.random.default_rng(seed)
+    parts = [np.concatenate(([ttt.BOS_ID], rng.integers(2, vocab, n - 1))) for n in lengths]
+    return np.concatenate(parts + [[ttt.BOS_ID]]).astype(np.int64)
+
+
+def parse_lengths(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        n, _, count = part.partition("x")
+        out += [int(n)] * int(count or 1)
+    return out
+
+
+def graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile", type=int, default=0, help="1: TTT_COMPILE's regions; 0: eager")
+    ap.add_argument("--lengths", default="2600x64,900x64,300x64", help="document lengths, LENxCOUNT,...")
+    ap.add_argument("--trace", action="store_true", help="one line per forward")
+    ap.add_argument("--profile-len", type=int, default=0, help="then profile one batch of documents this long")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend of the regions")
+    a = ap.parse_args()
+    if a.smoke:
+        os.environ.update({k: v for k, v in SMOKE.items() if k not in os.environ})
+        a.lengths, a.backend = "300x4,100x3", "aot_eager"
+    cfg = parse_knobs(tg.KNOBS)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    torch.manual_seed(cfg.seed)
+    model = tg.GPT(cfg).to(device)
+    tokens = synthetic(parse_lengths(a.lengths), cfg.vocab_size, cfg.seed)
+    byte_counts = np.ones(len(tokens), dtype=np.int64)
+    docs = ttt.split_documents(tokens)
+    s = tg.ttt_settings(cfg, len(docs))
+    batches = ttt.plan(docs, s)[0]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = ttt.Adapters(model, s, s.batch_docs, device)
+    t0 = time.perf_counter()
+    if a.compile:
+        model.regions = ttt.compiled_regions(a.backend)
+        print(f"compile_warmup:{ttt.warm_up(model, adapters, s, device, autocast):.1f}s graphs:{graphs()}", flush=True)
+    if a.trace:
+        nats, last = ttt._nats, [time.perf_counter()]
+
+        def traced(model_, x, *args, **kw):
+            out = nats(model_, x, *args, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            print(f"  forward width:{x.shape[1]} rows:{x.shape[0]} seconds:{now - last[0]:.3f} graphs:{graphs()}", flush=True)
+            last[0] = now
+            return out
+        ttt._nats = traced
+    print(f"ttt_probe device:{device} compile:{a.compile} docs:{len(docs)} batches:{len(batches)} "
+          f"chunk:{s.chunk} seq_len:{s.seq_len} batch_docs:{s.batch_docs} rank:{s.lora_rank} "
+          f"micro_tokens:{s.micro_tokens} params:{sum(p.numel() for p in model.parameters())}", flush=True)
+    meter, total = BpbMeter(device), 0
+    for i, batch in enumerate(batches):
+        adapters.reset(i)
+        t = time.perf_counter()
+        n = ttt.score_batch(model, adapters, tokens, docs[batch], byte_counts, s, meter, device, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        total += n
+        lens = docs[batch, 1] - docs[batch, 0]
+        print(f"batch:{i} docs:{len(batch)} max_len:{lens.max()} tokens:{n} seconds:{dt:.2f} "
+              f"tokens_per_s:{n / dt:.0f} graphs:{graphs()}", flush=True)
+    wall = time.perf_counter() - t0
+    print(f"ttt_probe done tokens:{total} wall:{wall:.1f}s tokens_per_s:{total / wall:.0f} graphs:{graphs()} "
+          f"bpb:{meter.result()[1]:.4f}", flush=True)
+    if a.profile_len:  # one batch of equal documents, kernel time by name (golf/profile.py)
+        ptokens = synthetic([a.profile_len] * s.batch_docs, cfg.vocab_size, cfg.seed + 1)
+        pdocs = ttt.split_documents(ptokens)
+
+        def step():
+            adapters.reset(0)
+            ttt.score_batch(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
+                            BpbMeter(device), device, autocast)
+        ttt._nats = nats if a.trace else ttt._nats
+        for line in profile_lines(profile_steps(step, 1, device, top=30), f"ttt_batch_len{a.profile_len}"):
+            print(line, flush=True)
+    if a.compile:
+        print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
+    adapters.remove()
+
+
+if __name__ == "__main__":
+    main()

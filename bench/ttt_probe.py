@@ -1,9 +1,11 @@
 """LoRA TTT speed probe on synthetic documents (issue 8): wall time of each batch of golf.ttt.score_batch,
 eager or through TTT_COMPILE's regions, with Dynamo's graph count and compile time as it goes. No data,
 no checkpoint: the model is train_gpt.py's at the knobs in the environment, randomly initialised (TTT's
-speed does not depend on the weights), and the documents are random tokens of the given lengths.
+speed does not depend on the weights), and the documents are random tokens of the given lengths, or a
+real val stream (--val): its document lengths are what decide TTT's time.
 
   python bench/ttt_probe.py --compile 1 --lengths 2600x64,900x64,300x64     # on the GPU
+  python bench/ttt_probe.py --compile 1 --val '/tmp/bench/datasets/bench_sp8192/fineweb_val_[0-9]*.bin'
   TORCH_LOGS=recompiles python bench/ttt_probe.py --compile 1 --trace       # why each graph compiled
   python bench/ttt_probe.py --smoke                                          # CPU self-test, tiny model
 
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+from data.shards import load_stream  # noqa: E402
 from golf import ttt  # noqa: E402
 from golf.bpb import BpbMeter  # noqa: E402
 from golf.config import parse_knobs  # noqa: E402
@@ -57,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile", type=int, default=0, help="1: TTT_COMPILE's regions; 0: eager")
     ap.add_argument("--lengths", default="2600x64,900x64,300x64", help="document lengths, LENxCOUNT,...")
+    ap.add_argument("--val", default="", help="score this val stream (a shard glob) instead of synthetic documents")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile-len", type=int, default=0, help="then profile one batch of documents this long")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
@@ -70,7 +74,7 @@ def main() -> None:
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(device)
-    tokens = synthetic(parse_lengths(a.lengths), cfg.vocab_size, cfg.seed)
+    tokens = load_stream(a.val).astype(np.int64) if a.val else synthetic(parse_lengths(a.lengths), cfg.vocab_size, cfg.seed)
     byte_counts = np.ones(len(tokens), dtype=np.int64)
     docs = ttt.split_documents(tokens)
     s = tg.ttt_settings(cfg, len(docs))

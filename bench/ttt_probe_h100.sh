@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
-# One device call: bench/ttt_probe.py eager, then compiled (TTT_COMPILE's regions) with Dynamo's recompile
-# log, on the same synthetic documents; each under its own time cap. Logs in OUT.
-#   source bench/device_prelude.sh && OUT=$OUT bench/ttt_probe_h100.sh
+# One device call: bench/ttt_probe.py compiled (TTT_COMPILE's regions, with Dynamo's recompile log), then
+# eager, on the same documents, each under its own time cap. Logs in OUT.
+#   source bench/device_prelude.sh && OUT=$OUT bench/ttt_probe_h100.sh          # synthetic LENGTHS
+#   VAL=1 COMPILED_CAP=340 EAGER_CAP=150 ... bench/ttt_probe_h100.sh             # the real val stream
+# VAL=1 builds the SP8192 benchmark set from SOURCES first (as bench/record_h100.sh does) and scores
+# its val documents; PROFILE_LEN > 0 adds a kernel table of one batch of documents that long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 PY=${PY:-python3}
+BENCH=${BENCH:-/tmp/bench}
+SOURCES=${SOURCES:-../shared/data}
 LENGTHS=${LENGTHS:-2600x64,900x64,300x64}
+PROFILE_LEN=${PROFILE_LEN:-0}
 mkdir -p "$OUT"
-timeout -k 5 "${EAGER_CAP:-150}" "$PY" bench/ttt_probe.py --compile 0 --lengths "$LENGTHS" --profile-len "${PROFILE_LEN:-1000}" 2>&1 | tee "$OUT/ttt_probe_eager.log"
-TORCH_LOGS=recompiles timeout -k 5 "${COMPILED_CAP:-380}" "$PY" bench/ttt_probe.py --compile 1 --lengths "$LENGTHS" --profile-len "${PROFILE_LEN:-1000}" \
-  > "$OUT/ttt_probe_compiled.log" 2>&1
-grep -v "^V1\|^\s*- \|User stack\|return fn" "$OUT/ttt_probe_compiled.log" | tail -40
+DOCS=(--lengths "$LENGTHS")
+if [ "${VAL:-0}" = 1 ]; then
+  if [ ! -f "$BENCH/datasets/bench_sp8192/fineweb_val_000000.bin" ]; then
+    "$PY" -m data benchmark-set --vocab 8192 --sources "$SOURCES" --out "$BENCH" > "$OUT/build_sp8192.log" 2>&1
+  fi
+  DOCS=(--val "$BENCH/datasets/bench_sp8192/fineweb_val_[0-9]*.bin")
+fi
+TORCH_LOGS=recompiles timeout -k 5 "${COMPILED_CAP:-380}" "$PY" bench/ttt_probe.py --compile 1 "${DOCS[@]}" \
+  --profile-len "$PROFILE_LEN" > "$OUT/ttt_probe_compiled.log" 2>&1
+grep -v "^V1\|^\s*- \|User stack\|return fn\|, [0-9]" "$OUT/ttt_probe_compiled.log" | tail -40
+timeout -k 5 "${EAGER_CAP:-150}" "$PY" bench/ttt_probe.py --compile 0 "${DOCS[@]}" --profile-len "$PROFILE_LEN" 2>&1 \
+  | tee "$OUT/ttt_probe_eager.log"

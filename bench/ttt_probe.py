@@ -2,7 +2,9 @@
 eager or through TTT_COMPILE's regions, with Dynamo's graph count and compile time as it goes. No data,
 no checkpoint: the model is train_gpt.py's at the knobs in the environment, randomly initialised (TTT's
 speed does not depend on the weights), and the documents are random tokens of the given lengths, or a
-real val stream (--val): its document lengths are what decide TTT's time.
+real val stream (--val): its document lengths are what decide TTT's time. It scores the documents of
+the first phase of golf.ttt.plan (PHASED_TTT_* from the environment: at the defaults, 833 of the
+benchmark set's 1,621; PHASED_TTT_NUM_PHASES=0 for all) and runs no global pass.
 
   python bench/ttt_probe.py --compile 1 --lengths 2600x64,900x64,300x64     # on the GPU
   python bench/ttt_probe.py --compile 1 --val '/tmp/bench/datasets/bench_sp8192/fineweb_val_[0-9]*.bin'
@@ -77,7 +79,7 @@ def main() -> None:
     tokens = load_stream(a.val).astype(np.int64) if a.val else synthetic(parse_lengths(a.lengths), cfg.vocab_size, cfg.seed)
     byte_counts = np.ones(len(tokens), dtype=np.int64)
     docs = ttt.split_documents(tokens)
-    s = tg.ttt_settings(cfg, len(docs))
+    s = tg.ttt_settings(cfg, len(docs), device)
     batches = ttt.plan(docs, s)[0]
     model.eval()
     for p in model.parameters():

@@ -404,7 +404,7 @@ class GPT(nn.Module):
         return {}
 
     def report(self, step: int, log) -> dict:
-        """Called on every rank at each validation: research models log statistics gathered in
+        """Called on every rank before each validation: research models log statistics gathered in
         training (expert usage, summed over ranks) and return them for the summary."""
         return {}
 
@@ -710,12 +710,14 @@ def main(recipe: Recipe = Recipe()) -> None:
         if last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
+            # the model's own report (the research trainer's expert usage) covers training steps only:
+            # logged before the validation, so a run cut during a long validation still has it
+            if report := base_model.report(step, log):
+                model_reports.append({"step": step, **report})
             val_loss, val_bpb = validate()
             val_history.append({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time_ms": train_ms})
             log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            if report := base_model.report(step, log):
-                model_reports.append({"step": step, **report})
             sync()
             t0 = time.perf_counter()
         if last:

@@ -32,9 +32,9 @@
 #      parameters (5.5 GiB of fp32 buffers) and 4x the dense MLP's FLOPs.
 #      Every run logs, per phase, `phase:<name> steps:N step_avg:X ms`, the peak memory, the final
 #      in-training val_bpb (VAL_LOSS_EVERY=0 still validates once at the end) and, for the expert
-#      runs, `model_info` (total / active / frozen parameters) and one `experts` line per layer at
-#      that validation: Gini, entropy (/log E), dead experts and tokens per expert, over all training
-#      steps after compile priming.
+#      runs, `model_info` (total / active / frozen parameters) and one `experts` line per layer just
+#      before that validation (a run cut during it keeps them): Gini, entropy (/log E), dead experts
+#      and tokens per expert, over all training steps after compile priming.
 #   4. $OUT/v2_summary.txt: one line per run (steps, ms/step per phase, peak memory, val_bpb, model
 #      info, per-layer expert metrics on the lines below it), ratios, and moe_bench's result lines.
 #

@@ -401,3 +401,22 @@ def test_ttt_over_two_ranks_matches_one_process(model, val, tmp_path):
         assert n == one["tokens"]
         # the global pass sums gradients in another order across ranks: equal up to rounding
         assert bpb == pytest.approx(one["val_bpb"], rel=1e-5) and loss == pytest.approx(one["val_loss"], rel=1e-5)
+
+
+def test_ttt_regions_do_not_tie_equal_sizes():
+    """A TTT batch's first window can be 64 rows x 64 positions. With Dynamo's duck sizing, rows and
+    width would share one symbol and the next width would compile every graph again (on the H100:
+    222 s, then 138 s more); the regions turn it off, so one graph serves all shapes."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    run = ttt.compiled_regions("aot_eager")
+
+    def piece(x, w):
+        return torch.relu(x @ w) * x.shape[1]
+
+    w = torch.randn(8, 8)
+    for rows, width in ((4, 4), (4, 6), (3, 5)):
+        x = torch.randn(rows, width, 8)
+        torch.testing.assert_close(run(piece, x, w), piece(x, w))
+    assert counters["stats"]["unique_graphs"] == 1

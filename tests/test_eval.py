@@ -420,3 +420,18 @@ def test_ttt_regions_do_not_tie_equal_sizes():
         x = torch.randn(rows, width, 8)
         torch.testing.assert_close(run(piece, x, w), piece(x, w))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_ttt_falls_back_to_eager_when_compile_fails(model, val):
+    """A model piece the compiler rejects must not cost the evaluation: TTT logs it and runs eager."""
+    tokens, bytes_ = val
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no codegen for this piece")
+
+    torch._dynamo.reset()
+    logs = []
+    eager = ttt.evaluate_ttt(model, tokens, bytes_, small_ttt(), CPU)
+    r = ttt.evaluate_ttt(model, tokens, bytes_, small_ttt(compile=True), CPU, backend=failing_backend, log=logs.append)
+    assert r["val_bpb"] == eager["val_bpb"] and model.regions is None
+    assert any(line.startswith("ttt_compile_failed: ") and "TTT runs eager" in line for line in logs), logs

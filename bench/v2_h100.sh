@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's numbers for the research trainer (train_gpt_v2.py) on one H100, in one device call of at
-# most ~560 s: the MoE layer benchmark, then four one-rank-share proxy runs (SPEC.md section 9).
+# most ~560 s: the MoE layer benchmark, then five one-rank-share proxy runs (SPEC.md section 9).
 #
 #   source bench/device_prelude.sh && OUT=$OUT bench/v2_h100.sh      # on the device (run's command)
 #   BUDGET=30 TOTAL=500 ... bench/v2_h100.sh                          # shorter training / call budget
@@ -10,7 +10,7 @@
 #   1. the SP8192 benchmark set, built from SOURCES unless present (as bench/record_h100.sh does)
 #   2. python3 bench/moe_bench.py (defaults: 8 experts top-2, expert hidden 2048, vs the dense MLP
 #      of equal active parameters, hidden 4096; eager and compiled), capped at MOE_BENCH_TIMEOUT s
-#   3. four training runs, torchrun on one GPU, proxy settings (98,304 tokens/step, no accumulation,
+#   3. five training runs, torchrun on one GPU, proxy settings (98,304 tokens/step, no accumulation but in v2_24gb,
 #      COMPILE_MODE=blocks, no sliding-window / TTT stages, GPTQ with 4 calibration batches, no
 #      budget fitter), MAX_WALLCLOCK_SECONDS=BUDGET (40): looping starts at 35% of it, so about
 #      115 steps unlooped and 150 looped for the dense model, enough for a stable ms/step per phase.
@@ -19,6 +19,8 @@
 #                     dropless): 105,196,743 total, 35,990,727 active per token (dense + the routers)
 #        v2_som64x4   MOE_ROUTER=som MOE_EXPERTS=64 MOE_TOP_K=4 MOE_EXPERT_MULT=1 on all 11 layers:
 #                     13,237,458 trainable, 369,098,752 frozen (23,068,672 of them active per token)
+#        v2_24gb      the README's one-24-GB-GPU configuration: 16,384 tokens per micro-step
+#                     (GRAD_ACCUM_STEPS=6), VAL_BATCH_TOKENS=65536, CUDA_MEMORY_FRACTION=0.3 (~24 GB of 80)
 #        record_dense train_gpt.py with v2_dense's settings (ms/step parity of the two trainers)
 #      Expert widths: each MoE layer runs top_k x expert hidden = 2 x 1024 = 4 x 512 = 2048 hidden
 #      units per token, the dense MLP's 4 x 512, so all three v2 runs have equal active MLP FLOPs and
@@ -76,7 +78,7 @@ SOM_EXPERT_MULT=${SOM_EXPERT_MULT:-1}
 STAGE=${STAGE:-/tmp/v2_h100_stage}
 TAR="$OUT/v2_h100.tar.gz"
 SUMMARY="$OUT/v2_summary.txt"
-RUN_NAMES=(v2_dense v2_moe8x2 v2_som64x4 record_dense)
+RUN_NAMES=(v2_dense v2_moe8x2 v2_som64x4 v2_24gb record_dense)
 mkdir -p "$OUT" "$RUNS"
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
@@ -266,5 +268,7 @@ train() {
 train v2_dense 2 train_gpt_v2.py
 train v2_moe8x2 1 train_gpt_v2.py MOE_EXPERTS=8 MOE_TOP_K=2 MOE_EXPERT_MULT="$MOE8_EXPERT_MULT"
 train v2_som64x4 0 train_gpt_v2.py MOE_ROUTER=som MOE_EXPERTS=64 MOE_TOP_K=4 MOE_EXPERT_MULT="$SOM_EXPERT_MULT"
+# README's one-24-GB-GPU configuration (16,384 tokens per micro-step) under an allocator cap of 0.3 x 80 GB
+train v2_24gb 0 train_gpt_v2.py CUDA_MEMORY_FRACTION=0.3 GRAD_ACCUM_STEPS=6 VAL_BATCH_TOKENS=65536
 train record_dense 0 train_gpt.py
 # 4. the summary and the tarball: finish() on exit

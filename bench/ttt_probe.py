@@ -89,8 +89,9 @@ def main() -> None:
     if a.compile:
         model.regions = ttt.compiled_regions(a.backend)
         print(f"compile_warmup:{ttt.warm_up(model, adapters, s, device, autocast):.1f}s graphs:{graphs()}", flush=True)
+    nats = ttt._nats  # the untraced forward, for the profile
     if a.trace:
-        nats, last = ttt._nats, [time.perf_counter()]
+        last = [time.perf_counter()]
 
         def traced(model_, x, *args, **kw):
             out = nats(model_, x, *args, **kw)
@@ -127,7 +128,7 @@ def main() -> None:
             adapters.reset(0)
             ttt.score_batch(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
                             BpbMeter(device), device, autocast)
-        ttt._nats = nats if a.trace else ttt._nats
+        ttt._nats = nats
         for line in profile_lines(profile_steps(step, 1, device, top=30), f"ttt_batch_len{a.profile_len}"):
             print(line, flush=True)
     if a.compile:

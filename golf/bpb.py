@@ -154,7 +154,8 @@ class BpbMeter:
         nats = nats.detach().to(device=self.device, dtype=torch.float64)
         nbytes = nbytes.detach().to(device=self.device, dtype=torch.float64).reshape(nats.shape)
         if mask is None:
-            self._local += torch.stack([nats.sum(), nbytes.sum(), nats.new_tensor(float(nats.numel()))])
+            self._local[:2] += torch.stack([nats.sum(), nbytes.sum()])
+            self._local[2] += nats.numel()
         else:
             mask = mask.to(self.device)
             self._local += torch.stack([torch.where(mask, nats, 0).sum(), torch.where(mask, nbytes, 0).sum(),

@@ -4,7 +4,7 @@
 #
 #   source bench/device_prelude.sh && OUT=$OUT bench/v2_h100.sh      # on the device (run's command)
 #   BUDGET=30 TOTAL=500 ... bench/v2_h100.sh                          # shorter training / call budget
-#   SKIP="v2_dense record_dense" ... bench/v2_h100.sh                  # leave out runs already measured
+#   SKIP="v2_dense record_dense moe_bench" ... bench/v2_h100.sh        # leave out steps already measured
 #
 # In order:
 #   1. the SP8192 benchmark set, built from SOURCES unless present (as bench/record_h100.sh does)
@@ -221,13 +221,17 @@ fi
 TOKENIZER_PATH=${TOKENIZER_PATH:-$BENCH/tokenizers/fineweb_8192_bpe.model}
 
 # ---------------------------------------------------------------------------- 2. MoE layer benchmark
-t0=$SECONDS
-cap=$(( MOE_BENCH_TIMEOUT < $(left) ? MOE_BENCH_TIMEOUT : $(left) ))
-rc=0
-timeout -k 5 "$cap" "$PY" bench/moe_bench.py 2>&1 | tee "$OUT/moe_bench.log" || rc=$?
-printf 'moe_bench\t%s\t%s\t%s\n' "$rc" $((SECONDS - t0)) "$([ "$rc" = 124 ] && echo "timeout ${cap}s")" >> "$STAGE/status.tsv"
-stash moe_bench.log
-pack
+if [[ " ${SKIP:-} " == *" moe_bench "* ]]; then
+  printf 'moe_bench\t-\t0\tskipped (SKIP)\n' >> "$STAGE/status.tsv"
+else
+  t0=$SECONDS
+  cap=$(( MOE_BENCH_TIMEOUT < $(left) ? MOE_BENCH_TIMEOUT : $(left) ))
+  rc=0
+  timeout -k 5 "$cap" "$PY" bench/moe_bench.py 2>&1 | tee "$OUT/moe_bench.log" || rc=$?
+  printf 'moe_bench\t%s\t%s\t%s\n' "$rc" $((SECONDS - t0)) "$([ "$rc" = 124 ] && echo "timeout ${cap}s")" >> "$STAGE/status.tsv"
+  stash moe_bench.log
+  pack
+fi
 
 # ---------------------------------------------------------------------------- 3. training runs
 PROXY=(

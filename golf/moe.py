@@ -312,14 +312,15 @@ def expert_metrics(counts: Tensor) -> dict:
     gini: 0 for equal loads, (E-1)/E when one expert takes everything (sorted-rank formula
           sum_i (2i - E - 1) x_(i) / (E * sum x), i = 1..E ascending).
     entropy: entropy of the load distribution / log E (1 uniform, 0 all in one; 1 when E == 1).
-    dead_experts: experts with no tokens. max_mean_load: max / mean (1 uniform, E all in one).
+    dead_experts: experts with no tokens; used_frac: the fraction with at least one.
+    max_mean_load: max / mean (1 uniform, E all in one).
     With no tokens at all: gini 0, entropy 0, every expert dead, max_mean_load 0."""
     c = counts.detach().double().cpu().flatten()
     E, total = c.numel(), float(c.sum())
     dead = int((c == 0).sum())
     if total <= 0:
         return {"tokens_per_expert": [0] * E, "gini": 0.0, "entropy": 0.0, "dead_experts": dead,
-                "max_mean_load": 0.0}
+                "used_frac": 0.0, "max_mean_load": 0.0}
     x = c.sort().values
     i = torch.arange(1, E + 1, dtype=torch.float64)
     gini = float(((2 * i - E - 1) * x).sum() / (E * total))
@@ -327,7 +328,7 @@ def expert_metrics(counts: Tensor) -> dict:
     nz = p[p > 0]
     entropy = float(-(nz * nz.log()).sum() / math.log(E)) if E > 1 else 1.0
     return {"tokens_per_expert": [int(v) for v in c.round().long()], "gini": gini, "entropy": entropy,
-            "dead_experts": dead, "max_mean_load": float(c.max() / c.mean())}
+            "dead_experts": dead, "used_frac": (E - dead) / E, "max_mean_load": float(c.max() / c.mean())}
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:

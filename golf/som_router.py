@@ -302,7 +302,7 @@ def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
     n = counts.numel()
     return {"gini": m["gini"], "entropy": m["entropy"] * math.log(n) if n > 1 else 0.0,
             "entropy_frac": m["entropy"] if m["tokens_per_expert"] and sum(m["tokens_per_expert"]) else 0.0,
-            "used_frac": 1.0 - m["dead_experts"] / n}
+            "used_frac": m["used_frac"]}
 
 
 def som_layers(model: nn.Module) -> list[tuple[str, SOMMoE]]:

@@ -147,6 +147,6 @@ def report(model: nn.Module, step: int, log) -> dict:
     for name, m in layers.items():
         extra = "".join(f" {k}:{m[k]:.4f}" for k in ("dropped_frac", "balance_loss", "z_loss") if k in m)
         log(f"experts step:{step} layer:{name} gini:{m['gini']:.4f} entropy:{m['entropy']:.4f} "
-            f"dead:{m['dead_experts']} max_mean_load:{m['max_mean_load']:.3f}{extra} "
+            f"dead:{m['dead_experts']} used_frac:{m['used_frac']:.4f} max_mean_load:{m['max_mean_load']:.3f}{extra} "
             f"tokens:{','.join(map(str, m['tokens_per_expert']))}")
     return {"experts": layers} if layers else {}

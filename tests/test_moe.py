@@ -170,10 +170,12 @@ def test_expert_metrics_on_known_distributions():
     uniform = expert_metrics(torch.full((8,), 5))
     assert uniform["gini"] == pytest.approx(0.0, abs=1e-12) and uniform["entropy"] == pytest.approx(1.0)
     assert uniform["dead_experts"] == 0 and uniform["max_mean_load"] == pytest.approx(1.0)
+    assert uniform["used_frac"] == 1.0
     assert uniform["tokens_per_expert"] == [5] * 8
     one = expert_metrics(torch.tensor([0, 0, 12, 0]))
     assert one["gini"] == pytest.approx(3 / 4) and one["entropy"] == pytest.approx(0.0, abs=1e-12)
     assert one["dead_experts"] == 3 and one["max_mean_load"] == pytest.approx(4.0)
+    assert one["used_frac"] == 0.25
     half = expert_metrics(torch.tensor([1, 1, 0, 0]))
     assert half["gini"] == pytest.approx(0.5) and half["entropy"] == pytest.approx(0.5)
     empty = expert_metrics(torch.zeros(3))

@@ -32,7 +32,7 @@ def test_moe_run_reports_experts_and_two_ranks_equal_one(tmp_path):
     assert info["params_total"] == s["model_params"] > info["params_active"]
     log = (one / "t.txt").read_text()
     assert re.search(r"^model_info params_total:\d+ params_active:\d+$", log, re.M)
-    assert re.search(r"^experts step:3 layer:blocks\.1\.mlp gini:\S+ entropy:\S+ dead:\d+ .*tokens:[\d,]+$", log, re.M)
+    assert re.search(r"^experts step:3 layer:blocks\.1\.mlp gini:\S+ entropy:\S+ dead:\d+ used_frac:[\d.]+ .*tokens:[\d,]+$", log, re.M)
     assert re.search(r"^TTT_LORA_TARGETS='k,o,head' \(MOE_EXPERTS>0", log, re.M)
     # two ranks: same losses, same weights, and the usage summed over ranks is the one-rank usage
     assert train_losses(one) == train_losses(two) and len(train_losses(one)) == 3

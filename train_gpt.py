@@ -153,7 +153,7 @@ KNOBS = (
     Knob("TTT_ENABLED", bool, True, "final stage: score-first LoRA test-time training over the val documents"),
     Knob("TTT_CHUNK_SIZE", int, 48, "tokens scored per document before each adapter step"),
     Knob("TTT_EVAL_SEQ_LEN", int, 2048, "most tokens of a document's prefix a TTT chunk sees"),
-    Knob("TTT_BATCH_DOCS", int, 64, "documents per TTT batch (one adapter each)", (Alias("TTT_BATCH_SIZE"),)),
+    Knob("TTT_BATCH_DOCS", int, 64, "documents TTT scores at once (slots, one adapter each; a finished one's slot takes the next)", (Alias("TTT_BATCH_SIZE"),)),
     Knob("TTT_MICRO_BATCH_TOKENS", int, 32768, "most window tokens per TTT forward/backward (bounds memory; exact)"),
     Knob("TTT_LORA_RANK", int, 96, "rank of the TTT LoRA adapters"),
     Knob("TTT_LORA_ALPHA", float, 96.0, "LoRA scale numerator (delta = x A B * alpha / rank)"),

@@ -1,23 +1,27 @@
-"""LoRA TTT speed probe on synthetic documents (issue 8): wall time of each batch of golf.ttt.score_batch,
-eager or through TTT_COMPILE's regions, with Dynamo's graph count and compile time as it goes. No data,
-no checkpoint: the model is train_gpt.py's at the knobs in the environment, randomly initialised (TTT's
-speed does not depend on the weights), and the documents are random tokens of the given lengths, or a
-real val stream (--val): its document lengths are what decide TTT's time. It scores the documents of
+"""LoRA TTT speed probe (issue 8): golf.ttt.score_docs over the documents of one phase, eager or through
+TTT_COMPILE's regions, with Dynamo's graph count and compile time. No data, no checkpoint: the model is
+train_gpt.py's at the knobs in the environment, randomly initialised (TTT's speed does not depend on
+the weights), and the documents are random tokens of the given lengths, or a real val stream (--val):
+its document lengths are what decide TTT's time; --replicate K scores K copies of it, a val set K times
+larger with the same length mix (the full 50,000-document set has about 30x this shard's). It scores
 the first phase of golf.ttt.plan (PHASED_TTT_* from the environment: at the defaults, 833 of the
-benchmark set's 1,621; PHASED_TTT_NUM_PHASES=0 for all) and runs no global pass.
+benchmark set's 1,621 documents; PHASED_TTT_NUM_PHASES=0 for all) and runs no global pass.
 
   python bench/ttt_probe.py --compile 1 --lengths 2600x64,900x64,300x64     # on the GPU
   python bench/ttt_probe.py --compile 1 --val '/tmp/bench/datasets/bench_sp8192/fineweb_val_[0-9]*.bin'
   TORCH_LOGS=recompiles python bench/ttt_probe.py --compile 1 --trace       # why each graph compiled
   python bench/ttt_probe.py --smoke                                          # CPU self-test, tiny model
 
-Compiled, first `compile_warmup:S` (golf.ttt.warm_up). One line per batch: `batch:i docs:n max_len:L
-tokens:N seconds:S tokens_per_s:R graphs:G`; with --trace, one line per forward (window width, rows,
-seconds since the previous one, graphs so far); with --profile-len, a kernel table of one more batch.
+Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a line `progress steps:N
+docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
+line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
+totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
+so far); with --profile-len, a kernel table of one phase of TTT_BATCH_DOCS documents that long.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -63,6 +67,10 @@ def main() -> None:
     ap.add_argument("--compile", type=int, default=0, help="1: TTT_COMPILE's regions; 0: eager")
     ap.add_argument("--lengths", default="2600x64,900x64,300x64", help="document lengths, LENxCOUNT,...")
     ap.add_argument("--val", default="", help="score this val stream (a shard glob) instead of synthetic documents")
+    ap.add_argument("--replicate", type=int, default=1, help="score this many copies of the documents")
+    ap.add_argument("--micro-tokens", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="score the documents once per value of TTT_MICRO_BATCH_TOKENS, in one process")
+    ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile-len", type=int, default=0, help="then profile one batch of documents this long")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
@@ -77,14 +85,19 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(device)
     tokens = load_stream(a.val).astype(np.int64) if a.val else synthetic(parse_lengths(a.lengths), cfg.vocab_size, cfg.seed)
+    if a.replicate > 1:  # copies of the whole stream; its last BOS starts the next copy
+        tokens = np.concatenate([tokens[:-1]] * a.replicate + [tokens[-1:]])
     byte_counts = np.ones(len(tokens), dtype=np.int64)
     docs = ttt.split_documents(tokens)
     s = tg.ttt_settings(cfg, len(docs), device)
-    batches = ttt.plan(docs, s)[0]
+    order = ttt.plan(docs, s)[0]
+    lengths = docs[order, 1] - docs[order, 0]
+    window_tokens = sum(int(np.minimum(np.arange(s.chunk, n + s.chunk, s.chunk).clip(max=n), s.seq_len).sum())
+                        for n in lengths.tolist())  # unpadded window tokens of every chunk
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    adapters = ttt.Adapters(model, s, s.batch_docs, device)
+    adapters = ttt.Adapters(model, s, s.batch_docs, device, a.backend if a.compile else None)
     t0 = time.perf_counter()
     if a.compile:
         model.regions = ttt.compiled_regions(a.backend)
@@ -102,34 +115,47 @@ def main() -> None:
             last[0] = now
             return out
         ttt._nats = traced
-    print(f"ttt_probe device:{device} compile:{a.compile} docs:{len(docs)} batches:{len(batches)} "
-          f"chunk:{s.chunk} seq_len:{s.seq_len} batch_docs:{s.batch_docs} rank:{s.lora_rank} "
-          f"micro_tokens:{s.micro_tokens} params:{sum(p.numel() for p in model.parameters())}", flush=True)
-    meter, total = BpbMeter(device), 0
-    for i, batch in enumerate(batches):
-        adapters.reset(i)
-        t = time.perf_counter()
-        n = ttt.score_batch(model, adapters, tokens, docs[batch], byte_counts, s, meter, device, autocast)
+    print(f"ttt_probe device:{device} compile:{a.compile} docs:{len(order)} of {len(docs)} tokens:{int(lengths.sum())} "
+          f"window_tokens:{window_tokens} longest:{lengths.max()} chunk:{s.chunk} seq_len:{s.seq_len} "
+          f"slots:{s.batch_docs} rank:{s.lora_rank} "
+          f"params:{sum(p.numel() for p in model.parameters())}", flush=True)
+    taken_lengths = np.concatenate(([0], np.cumsum(lengths)))
+    for micro in a.micro_tokens or [s.micro_tokens]:  # shapes are dynamic: no new graphs per setting
+        s = dataclasses.replace(s, micro_tokens=micro)
+        meter, mark = BpbMeter(device), [time.perf_counter(), 0]  # time and tokens at the last line
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        def progress(steps, taken, tokens_done):
+            now = time.perf_counter()
+            if now - mark[0] >= a.every:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    now = time.perf_counter()
+                print(f"progress steps:{steps} docs:{taken}/{len(order)} tokens:{tokens_done} "
+                      f"seconds:{now - start:.1f} tokens_per_s:{(tokens_done - mark[1]) / (now - mark[0]):.0f} "
+                      f"graphs:{graphs()} taken_tokens:{taken_lengths[taken]}", flush=True)
+                mark[:] = [now, tokens_done]
+
+        start = mark[0] = time.perf_counter()
+        total = ttt.score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
+                               on_step=progress)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        total += n
-        lens = docs[batch, 1] - docs[batch, 0]
-        print(f"batch:{i} docs:{len(batch)} max_len:{lens.max()} tokens:{n} seconds:{dt:.2f} "
-              f"tokens_per_s:{n / dt:.0f} graphs:{graphs()}", flush=True)
-    wall = time.perf_counter() - t0
-    print(f"ttt_probe done tokens:{total} wall:{wall:.1f}s tokens_per_s:{total / wall:.0f} graphs:{graphs()} "
-          f"bpb:{meter.result()[1]:.4f}", flush=True)
-    if a.profile_len:  # one batch of equal documents, kernel time by name (golf/profile.py)
+        scoring = time.perf_counter() - start
+        peak = f" peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB" if device.type == "cuda" else ""
+        print(f"ttt_probe done micro_tokens:{micro} tokens:{total} scoring:{scoring:.1f}s "
+              f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
+              f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.4f}{peak}", flush=True)
+    if a.profile_len:  # one phase of equal documents, kernel time by name (golf/profile.py)
         ptokens = synthetic([a.profile_len] * s.batch_docs, cfg.vocab_size, cfg.seed + 1)
         pdocs = ttt.split_documents(ptokens)
 
         def step():
-            adapters.reset(0)
-            ttt.score_batch(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
-                            BpbMeter(device), device, autocast)
+            ttt.score_docs(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
+                           BpbMeter(device), device, autocast)
         ttt._nats = nats
-        for line in profile_lines(profile_steps(step, 1, device, top=30), f"ttt_batch_len{a.profile_len}"):
+        for line in profile_lines(profile_steps(step, 1, device, top=30), f"ttt_docs_len{a.profile_len}"):
             print(line, flush=True)
     if a.compile:
         print(torch._dynamo.utils.compile_times(repr="str"), flush=True)

@@ -10,20 +10,24 @@ end_i the next BOS (whose prediction ends document i) or the end of the stream, 
 targets are exactly the stream's targets, each once: TTT scores the same tokens as plain evaluation.
 
 Order. Phase boundaries (document counts) split the stream's documents in stream order; inside a
-phase documents are sorted by length, longest first (stable by position), and cut into batches of
-`batch_docs`; ranks take batches from a shared counter, so the order depends on positions and lengths
-only, never on the text. After each phase every rank joins a global SGD pass over all documents
-scored so far, which updates the base model for the next phase.
+phase documents are taken longest first (stable by position). Scoring is continuous batching:
+`batch_docs` slots each hold one document, every step scores the current chunk of every slot, and a
+slot whose document is done takes the next one at once, so long documents never leave the GPU with a
+handful of rows. Ranks take documents from a shared counter, so which rank scores a document depends
+on timing, but its score does not. After each phase every rank joins a global SGD pass over all
+documents scored so far, which updates the base model for the next phase.
 
-Adapters. Batched LoRA (one adapter per document of the batch, A [B, in, r] random, B [B, r, out]
-zero) on chosen projections, added by forward hooks, so the forward is the model's own forward: at
-zero adapters the TTT logits equal the plain logits bit for bit. Adam is elementwise and the loss is a
-sum of per-document means, so documents of one batch never influence each other.
+Adapters. Batched LoRA (one adapter per slot, A [S, in, r] random, B [S, r, out] zero) on chosen
+projections, added by forward hooks, so the forward is the model's own forward: at zero adapters the
+TTT logits equal the plain logits bit for bit. Every document starts from the same adapter values and
+has its own AdamW step count; AdamW is elementwise and the loss is a sum of per-document means, so a
+document's scores do not depend on the other documents scored beside it.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +42,9 @@ from golf.dist import all_reduce_
 from golf.evaluate import rank_range
 
 BOS_ID = 1
+# the adapters' gradients are strided views into one flat buffer (accumulated in place, as intended);
+# autograd warns that such a layout may be slower for DDP-style bucketing, which TTT does not do
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 # LoRA target name -> attribute path inside a block; "head" is the tied LM head (GPT.logits' head_delta)
 BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 TARGETS = tuple(BLOCK_TARGETS) + ("head",)
@@ -49,7 +56,7 @@ _COPIES = 0
 class TTTSettings:
     chunk: int = 48
     seq_len: int = 2048
-    batch_docs: int = 64
+    batch_docs: int = 64  # slots: documents scored at once, one adapter each
     lora_rank: int = 96
     lora_alpha: float = 96.0
     targets: tuple[str, ...] = ("k", "o", "fc", "proj", "head")
@@ -64,7 +71,7 @@ class TTTSettings:
     global_batch_seqs: int = 32
     global_grad_clip: float = 1.0
     pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
-    micro_tokens: int = 32768  # most window tokens per forward/backward; larger batches accumulate
+    micro_tokens: int = 32768  # most window tokens per forward/backward; a step's rows split into passes
     seed: int = 0
     compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
 
@@ -99,36 +106,29 @@ def split_documents(tokens: np.ndarray) -> np.ndarray:
     return np.stack((starts, ends), axis=1).astype(np.int64)
 
 
-def plan(docs: np.ndarray, s: TTTSettings) -> list[list[np.ndarray]]:
-    """Phases, each a list of batches of document indices, in scoring order. A phase holds the next
-    documents of the stream (as the public phase boundaries count them); inside it, documents run
-    longest first, so a batch holds similar lengths and the long ones do not end up alone at the tail."""
+def plan(docs: np.ndarray, s: TTTSettings) -> list[np.ndarray]:
+    """Phases, each the indices of its documents in the order they are taken. A phase holds the next
+    documents of the stream (as the public phase boundaries count them); inside it, documents are
+    taken longest first, so the long ones start early instead of ending up alone at the tail."""
     lengths = docs[:, 1] - docs[:, 0]
     phases, lo = [], 0
     for hi in [e for e in s.phase_ends if e < len(docs)] + [len(docs)]:
         idx = np.arange(lo, hi)
-        part = idx[np.lexsort((idx, -lengths[lo:hi]))]
-        phases.append([part[i : i + s.batch_docs] for i in range(0, len(part), s.batch_docs)])
+        phases.append(idx[np.lexsort((idx, -lengths[lo:hi]))])
         lo = hi
     return phases
 
 
 class BatchedLoRA(nn.Module):
-    """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per row of the batch."""
+    """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot. A [S, in, r] and B [S, r, out] are
+    views into the flat buffers of `Adapters` (so are their gradients), which reset and step them."""
 
-    def __init__(self, batch: int, d_in: int, d_out: int, rank: int, alpha: float, device):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(batch, d_in, rank, device=device))
-        self.B = nn.Parameter(torch.empty(batch, rank, d_out, device=device))
-        self.scale = alpha / rank
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)  # share the views' storage
+        self.scale = scale
         self.active = True  # off during the global pass, which trains the base model alone
-        self.rows: torch.Tensor | None = None  # the batch rows still scoring (finished documents drop out)
-
-    def reset(self, generator: torch.Generator) -> None:
-        bound = 1 / math.sqrt(self.A.shape[1])
-        with torch.no_grad():
-            self.A.copy_(torch.rand(self.A.shape, generator=generator) * 2 * bound - bound)
-            self.B.zero_()
+        self.rows: torch.Tensor | None = None  # the slots of the rows in the current pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
@@ -136,30 +136,74 @@ class BatchedLoRA(nn.Module):
 
 
 class Adapters:
-    """LoRA adapters hooked into a GPT's projections for batches of `batch` documents."""
+    """LoRA adapters hooked into a GPT's projections, one per slot (a document being scored), with
+    their AdamW state. All of them live in flat [slots, N] buffers (parameters, gradients, moments,
+    per-slot step counts), so a slot that takes a new document resets one row and the optimizer step
+    is a few elementwise passes however many adapters there are. Every document starts from the same
+    values (A uniform in +-1/sqrt(in) from `s.seed`, B zero) whatever slot it lands in, so its scores
+    do not depend on which documents share its passes."""
 
-    def __init__(self, model: nn.Module, s: TTTSettings, batch: int, device):
+    def __init__(self, model: nn.Module, s: TTTSettings, slots: int, device, backend: str | None = None):
         self.s, self.loras, self.hooks, self.head = s, [], [], None
-        for block in model.blocks:
-            for t in s.targets:
-                if t == "head":
-                    continue
-                module = block.get_submodule(BLOCK_TARGETS[t])
-                lora = BatchedLoRA(batch, module.in_features, module.out_features, s.lora_rank, s.lora_alpha, device)
-                self.hooks.append(module.register_forward_hook(_add_delta(lora)))
-                self.loras.append(lora)
+        r = s.lora_rank
+        targets = [(block.get_submodule(BLOCK_TARGETS[t]), block.get_submodule(BLOCK_TARGETS[t]).in_features,
+                    block.get_submodule(BLOCK_TARGETS[t]).out_features)
+                   for block in model.blocks for t in s.targets if t != "head"]
         if "head" in s.targets:
             V, D = model.tok_emb.weight.shape
-            self.head = BatchedLoRA(batch, D, V, s.lora_rank, s.lora_alpha, device)
-            self.loras.append(self.head)
+            targets.append((None, D, V))
+        n = sum(r * (d_in + d_out) for _, d_in, d_out in targets)
+        self.P = torch.zeros(slots, n, device=device)
+        self.G = torch.zeros_like(self.P)
+        self.M = torch.zeros_like(self.P) if s.beta1 > 0 else None  # beta1 = 0: the moment is the gradient
+        self.V = torch.zeros_like(self.P)
+        self.t = torch.zeros(slots, device=device)  # AdamW steps of each slot's document
+        init, g, off = torch.zeros(n), torch.Generator().manual_seed(s.seed), 0
+        for module, d_in, d_out in targets:
+            bound = 1 / math.sqrt(d_in)
+            init[off : off + d_in * r] = torch.rand(d_in * r, generator=g) * 2 * bound - bound
+            views = []
+            for rows, cols in ((d_in, r), (r, d_out)):
+                views.append((self.P[:, off : off + rows * cols].view(slots, rows, cols),
+                              self.G[:, off : off + rows * cols].view(slots, rows, cols)))
+                off += rows * cols
+            lora = BatchedLoRA(views[0][0], views[1][0], s.lora_alpha / r)
+            lora.A.grad, lora.B.grad = views[0][1], views[1][1]  # backward accumulates into G
+            self.loras.append(lora)
+            if module is None:
+                self.head = lora
+            else:
+                self.hooks.append(module.register_forward_hook(_add_delta(lora)))
+        self.init = init.to(device)
+        self.adamw = torch.compile(_row_adamw, dynamic=False, fullgraph=True, backend=backend) if backend else _row_adamw
+        self.reset()
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for lora in self.loras for p in lora.parameters()]
+    def reset(self, slots: np.ndarray | None = None) -> None:
+        """Fresh adapters and optimizer state for the given slots (all by default)."""
+        rows = slice(None) if slots is None else torch.as_tensor(slots, device=self.P.device)
+        with torch.no_grad():
+            for buf in (self.G, self.M, self.V):
+                if buf is not None:
+                    buf[rows] = 0
+            self.P[rows] = self.init
+            self.t[rows] = 0
 
-    def reset(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        for lora in self.loras:
-            lora.reset(g)
+    def step(self, slots: np.ndarray) -> None:
+        """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the given slots;
+        the others keep their values. Gradients are zeroed for the next chunk."""
+        s = self.s
+        on = torch.zeros(self.P.shape[0], 1, dtype=torch.bool)
+        on[torch.as_tensor(slots)] = True
+        on = _to_device(on.numpy(), self.P.device)
+        n = self.P.shape[1]
+        cols = n if self.adamw is not _row_adamw else max(1, 2**24 // self.P.shape[0])  # eager: bounded temporaries
+        with torch.no_grad():
+            self.t.add_(on[:, 0])
+            for c in range(0, n, cols):
+                part = slice(c, c + cols)
+                self.adamw(self.P[:, part], self.G[:, part], None if self.M is None else self.M[:, part],
+                           self.V[:, part], self.t[:, None], on, s.lr, s.beta1, s.beta2, s.weight_decay)
+            self.G.zero_()
 
     def select(self, rows: torch.Tensor | None) -> None:
         for lora in self.loras:
@@ -172,6 +216,20 @@ class Adapters:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def _row_adamw(P, G, M, V, t, on, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float = 1e-8):
+    """AdamW (decoupled weight decay, bias-corrected moments) on the rows where `on` [S, 1] is set, each
+    row with its own step count t [S, 1]; in place. M None: beta1 is 0 and the first moment is G."""
+    m = G if M is None else torch.lerp(M, G, 1 - beta1)
+    v = V * beta2 + G * G * (1 - beta2)
+    bc1 = (1 - torch.pow(beta1, t)).clamp_min(1e-30)  # rows with t = 0 are not stepped
+    bc2 = (1 - torch.pow(beta2, t)).clamp_min(1e-30)
+    p = P * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2.sqrt() + eps)
+    P.copy_(torch.where(on, p, P))
+    V.copy_(torch.where(on, v, V))
+    if M is not None:
+        M.copy_(torch.where(on, m, M))
 
 
 def _add_delta(lora: BatchedLoRA):
@@ -215,15 +273,17 @@ def compiled_regions(backend: str = "inductor") -> Callable:
     return run
 
 
-def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, first: int = 0) -> torch.Tensor:
-    """Per-token nats of positions first.. of each row (the LM head runs on those positions only)."""
+def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, at: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token nats of every position of each row, or of positions `at` [rows, k] (y then [rows, k]):
+    the LM head runs on those positions only."""
     with autocast:
         # every row is one document (no BOS after position 0), so plain causal attention is exact and
         # runs on shape-agnostic kernels: TTT windows change shape every chunk, and a compiled
         # FlexAttention would recompile per shape
-        h = model.hidden(x, docs=doc_boundaries(x, BOS_ID, isolate=False))[:, first:]
+        h = model.hidden(x, docs=doc_boundaries(x, BOS_ID, isolate=False))
+        if at is not None:
+            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
         logits = model.head(h, head_delta=head_delta)
-    y = y[:, first:]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
@@ -247,85 +307,120 @@ def _rows(tokens: np.ndarray, docs: np.ndarray, lo: int, hi: int, width: int):
 
 
 class _Counter:
-    """Next batch index of a phase, shared by all ranks (dynamic spreading), or local."""
+    """Hands out the positions 0..total-1 of a phase's documents in order, shared by all ranks (dynamic
+    spreading: a rank takes the next documents whenever its slots free up), or local."""
 
-    def __init__(self, key: str):
-        self.key, self.next = key, 0
+    def __init__(self, total: int, key: str | None = None):
+        self.key, self.total, self.next = key, total, 0
         dist = torch.distributed
-        self.store = dist.distributed_c10d._get_default_store() if dist.is_available() and dist.is_initialized() else None
+        shared = key is not None and dist.is_available() and dist.is_initialized()
+        self.store = dist.distributed_c10d._get_default_store() if shared else None
 
-    def take(self) -> int:
+    def take(self, k: int) -> np.ndarray:
         if self.store is None:
-            self.next += 1
-            return self.next - 1
-        return self.store.add(self.key, 1) - 1
+            self.next += k
+            end = self.next
+        else:
+            end = self.store.add(self.key, k)
+        return np.arange(end - k, min(end, self.total), dtype=np.int64)
 
 
-def score_batch(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
-                device, autocast, token_nats=None) -> int:
-    """Scores a batch of documents chunk by chunk; after each chunk (but the last) the adapters take
-    one step on the chunk just scored. Returns the number of scored tokens."""
-    n_max = int((docs[:, 1] - docs[:, 0]).max())
-    opt = None
-    if adapters is not None:
-        opt = torch.optim.AdamW(adapters.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay,
-                                fused=device.type == "cuda")
-    scored_tokens = 0
-    n_chunks = -(-n_max // s.chunk)
-    for c in range(n_chunks):
-        lo, hi = c * s.chunk, min((c + 1) * s.chunk, n_max)
-        w0 = max(0, hi - s.seq_len)
-        width = min(s.seq_len, -(-(hi - w0) // s.pad_multiple) * s.pad_multiple)
-        active = np.flatnonzero(docs[:, 1] - docs[:, 0] > lo)  # documents with targets in this chunk
-        train = adapters is not None and c < n_chunks - 1
-        if train:
-            opt.zero_grad(set_to_none=True)
-        # rows are independent (own adapter, own loss term), so splitting them into passes that
-        # accumulate gradients is exact and bounds activation memory
-        per_pass = max(1, s.micro_tokens // width)
-        first = lo - w0  # the chunk is the window's tail: logits for its positions only
-        for g0 in range(0, len(active), per_pass):
-            rows = active[g0 : g0 + per_pass]
-            # compiled, a lone row would get graphs of its own (Dynamo specialises sizes of 1): it
-            # runs with a masked copy of itself instead, which adds nothing to loss or gradients
-            lone = len(rows) == 1 and model.regions is not None
+def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
+               device, autocast, token_nats=None, take: Callable[[int], np.ndarray] | None = None,
+               on_step: Callable[[int, int, int], None] | None = None) -> int:
+    """Scores documents chunk by chunk in `s.batch_docs` slots (continuous batching): every step scores
+    the current chunk of each slot's document, then the documents with chunks left take one adapter
+    step on the chunk just scored; a slot whose document is done takes the next one (`take(k)`: the
+    next k positions into `docs`, fewer or none at the end; default: all of `docs` in order) with
+    fresh adapters. Rows of one step are grouped by window width into passes of at most
+    `s.micro_tokens` window tokens. `on_step(steps, documents taken, tokens scored)` after each step.
+    Returns the number of scored tokens."""
+    take = take or _Counter(len(docs)).take
+    lengths = docs[:, 1] - docs[:, 0]
+    slot_doc = np.full(s.batch_docs, -1, dtype=np.int64)
+    slot_chunk = np.zeros(s.batch_docs, dtype=np.int64)
+    scored_tokens, taken, steps, more = 0, 0, 0, True
+    chunk_pos = np.arange(s.chunk)[None, :]
+    while True:
+        free = np.flatnonzero(slot_doc < 0)
+        if more and len(free):
+            new = take(len(free))
+            more = len(new) == len(free)
+            slot_doc[free[: len(new)]], slot_chunk[free[: len(new)]] = new, 0
+            taken += len(new)
+            if adapters is not None and len(new):
+                adapters.reset(free[: len(new)])
+        active = np.flatnonzero(slot_doc >= 0)
+        if not len(active):
+            return scored_tokens
+        d = slot_doc[active]
+        n, start = lengths[d], docs[d, 0]
+        lo = slot_chunk[active] * s.chunk
+        hi = np.minimum(lo + s.chunk, n)
+        w0 = np.maximum(0, hi - s.seq_len)
+        span = hi - w0  # window tokens of each row: its document's last seq_len tokens up to the chunk's end
+        width = np.minimum(s.seq_len, -(-span // s.pad_multiple) * s.pad_multiple)
+        train = (hi < n) if adapters is not None else np.zeros(len(active), dtype=bool)
+        order = np.argsort(-width, kind="stable")
+        g = 0
+        while g < len(order):
+            W = int(width[order[g]])
+            sel = order[g : g + max(1, s.micro_tokens // W)]  # rows are independent: passes are exact
+            g += len(sel)
+            # compiled, a lone row would get graphs of its own (Dynamo specialises sizes of 1): it runs
+            # with a masked copy of itself instead, which adds nothing to loss or gradients
+            lone = len(sel) == 1 and model.regions is not None
             if lone:
-                rows = np.repeat(rows, 2)
+                sel = np.repeat(sel, 2)
+            base = (start + w0)[sel][:, None]
+            pos = np.arange(W)[None, :]
+            inside = pos < span[sel][:, None]
+            x = np.where(inside, tokens[np.where(inside, base + pos, 0)], 0).astype(np.int64)
+            at = (lo - w0)[sel][:, None] + chunk_pos  # the chunk's positions in the window
+            scored = at < span[sel][:, None]
+            if lone:
+                scored[1:] = False
+            at = np.where(scored, at, 0)
+            idx = base + at  # input positions; their targets are idx + 1
+            y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
             if adapters is not None:
-                adapters.select(_to_device(rows, device))
-            x, y, valid, idx = _rows(tokens, docs[rows], w0, hi, width)
-            if lone:
-                valid[1:] = False
-            scored, idx = valid[:, first:], idx[:, first:]
+                adapters.select(_to_device(active[sel], device))
             xt, yt, mask = _to_device(x, device), _to_device(y, device), _to_device(scored, device)
-            # compiled regions: always with grad (the last chunk just skips its backward), so no
+            backward = bool(train[sel].any())
+            # compiled regions: always with grad (a pass without training skips its backward), so no
             # separate no-grad graphs are compiled for it
-            with torch.set_grad_enabled(train or (adapters is not None and model.regions is not None)):
-                nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast, first)
+            with torch.set_grad_enabled(backward or (adapters is not None and model.regions is not None)):
+                nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast,
+                             _to_device(at, device))
             meter.update(nats, _to_device(byte_counts[idx + 1], device), mask)
             scored_tokens += int(scored.sum())
             if token_nats is not None:
                 token_nats[idx[scored]] = nats.detach()[mask].double().cpu().numpy()
-            if train:
-                ((nats * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
-        if train:
-            opt.step()
-    return scored_tokens
+            if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
+                weight = _to_device(train[sel].astype(np.float32), device)
+                ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
+        if train.any():
+            adapters.step(active[train])
+        slot_chunk[active] += 1
+        slot_doc[active[hi >= n]] = -1
+        steps += 1
+        if on_step is not None:
+            on_step(steps, taken, scored_tokens)
 
 
 def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> float:
-    """Compiles the regions before the first real batch, so their compile time is reported apart from
-    scoring: random tokens, up to three documents of two chunks and a bit (3 rows, then 2; adapter steps
-    and a last chunk), with throwaway scores. The adapters are reset before every real batch anyway.
-    Returns the seconds taken."""
+    """Compiles the regions before the first real document, so their compile time is reported apart
+    from scoring: random tokens, three documents of one to three chunks (3 rows, then 2; adapter steps
+    and last chunks), with throwaway scores; the slots are reset afterwards. Returns the seconds taken."""
     t0 = time.perf_counter()
     n = 2 * s.chunk + 5
     vocab = model.tok_emb.weight.shape[0]
     tokens = np.random.default_rng(0).integers(2, vocab, 3 * n + 1)
     tokens[[0, n, 2 * n, 3 * n]] = BOS_ID
-    docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - s.chunk]][: s.batch_docs], dtype=np.int64)
-    score_batch(model, adapters, tokens, docs, np.ones(len(tokens), dtype=np.int64), s, BpbMeter(device),
-                device, autocast)
+    docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - s.chunk]], dtype=np.int64)
+    score_docs(model, adapters, tokens, docs, np.ones(len(tokens), dtype=np.int64), s, BpbMeter(device),
+               device, autocast)
+    adapters.reset()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
@@ -391,7 +486,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     for p, _ in flags:
         p.requires_grad_(False)
     meter, scored = BpbMeter(device), 0
-    adapters = Adapters(model, s, s.batch_docs, device) if lora else None
+    # compiled, the adapters' optimizer step is one fused kernel over static shapes
+    adapters = Adapters(model, s, s.batch_docs, device, backend if s.compile else None) if lora else None
     compile_seconds = 0.0
     try:
         if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
@@ -404,20 +500,22 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                 # a model piece the compiler cannot take (a research knob's code path): score eagerly
                 # rather than lose the evaluation after a whole training run; the log says so
                 model.regions, compile_seconds = None, time.perf_counter() - w0
+                adapters.adamw = _row_adamw
                 if log:
                     log(f"ttt_compile_failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; TTT runs eager")
         done = []
-        for k, batches in enumerate(phases):
-            counter = _Counter(f"ttt_{call}_phase_{k}")
-            while (i := counter.take()) < len(batches):
-                if adapters is not None:  # a phase's last batch may be short: it uses the first rows
-                    adapters.reset(s.seed * 1_000_003 + k * 65_537 + i)
-                scored += score_batch(model, adapters, tokens, docs[batches[i]], byte_counts, s, meter, device,
-                                      autocast, token_nats)
-                if log and i % 8 == 0:  # the longest documents come first: early batches are the slow ones
-                    log(f"ttt_progress phase:{k + 1}/{len(phases)} batch:{i + 1}/{len(batches)} "
-                        f"tokens:{scored} elapsed:{time.perf_counter() - t0:.1f}s")
-            done.extend(b for batch in batches for b in batch)
+        for k, order in enumerate(phases):
+            counter, last = _Counter(len(order), f"ttt_{call}_phase_{k}"), [time.perf_counter()]
+
+            def progress(steps, taken, tokens_done, k=k, n=len(order)):
+                if log and time.perf_counter() - last[0] >= 30:
+                    last[0] = time.perf_counter()
+                    log(f"ttt_progress phase:{k + 1}/{len(phases)} steps:{steps} docs_taken:{taken}/{n} "
+                        f"tokens:{scored + tokens_done} elapsed:{last[0] - t0:.1f}s")
+
+            scored += score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
+                                 token_nats, counter.take, progress)
+            done.extend(order.tolist())
             if k < len(phases) - 1:
                 if adapters is not None:
                     adapters.enable(False)

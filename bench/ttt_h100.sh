@@ -8,7 +8,8 @@
 # 2. The same TTT, eager, on the same checkpoint through `python -m quant requantize --stages`, until
 #    TOTAL s after the start: it may be cut; its `ttt_progress ... tokens:N elapsed:S` lines (every 8
 #    batches, longest documents first) compare with the compiled run's at the same batch.
-# Consoles go to OUT. The speed does not depend on how well the checkpoint is trained.
+# EAGER=0 leaves out step 2; PHASED_TTT_NUM_PHASES (default 0 here), PHASED_TTT_PREFIX_DOCS and
+# EVAL_STRIDE (default 0) pass through to the trainer. Consoles go to OUT. The speed does not depend on how well the checkpoint is trained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0
@@ -26,7 +27,7 @@ if [ ! -f "$BENCH/datasets/bench_sp8192/fineweb_train_000000.bin" ]; then
 fi
 export DATA_PATH="$BENCH/datasets/bench_sp8192" TOKENIZER_PATH="$BENCH/tokenizers/fineweb_8192_bpe.model"
 export PYTHONUNBUFFERED=1 LOG_DIR="$RUNS" VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 GPTQ_RESERVE_SECONDS=0
-export EVAL_STRIDE=0 PHASED_TTT_NUM_PHASES=0 FIT_BUDGET=0 GPTQ_CALIBRATION_BATCHES=4
+export EVAL_STRIDE=${EVAL_STRIDE:-0} PHASED_TTT_NUM_PHASES=${PHASED_TTT_NUM_PHASES:-0} FIT_BUDGET=0 GPTQ_CALIBRATION_BATCHES=4
 RUN_ID=ttt_ckpt
 rc=0
 RUN_ID=$RUN_ID MAX_WALLCLOCK_SECONDS=$BUDGET TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 \
@@ -35,7 +36,7 @@ RUN_ID=$RUN_ID MAX_WALLCLOCK_SECONDS=$BUDGET TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM
   2>&1 | tee "$OUT/ttt_compiled.console" || rc=$?
 echo "ttt_h100: compiled run rc:$rc at ${SECONDS}s"
 left=$((TOTAL - SECONDS))
-if [ -f "$RUNS/${RUN_ID}_model.pre.bin" ] && [ "$left" -gt 30 ]; then
+if [ "${EAGER:-1}" = 1 ] && [ -f "$RUNS/${RUN_ID}_model.pre.bin" ] && [ "$left" -gt 30 ]; then
   TTT_COMPILE=0 timeout -k 5 "$left" "$PY" -m quant requantize "$RUNS/${RUN_ID}_model.pre.bin" \
     -o "$RUNS/rq_eager.bin" --stages 2>&1 | tee "$OUT/ttt_eager.console" || echo "ttt_h100: eager rc:$? at ${SECONDS}s"
 fi

@@ -71,7 +71,7 @@ class TTTSettings:
     global_batch_seqs: int = 32
     global_grad_clip: float = 1.0
     pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
-    micro_tokens: int = 32768  # most window tokens per forward/backward; a step's rows split into passes
+    micro_tokens: int = 65536  # most window tokens per forward/backward; a step's rows split into passes
     seed: int = 0
     compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
 

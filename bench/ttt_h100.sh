@@ -20,6 +20,7 @@ BENCH=${BENCH:-/tmp/bench}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-45}
 TOTAL=${TOTAL:-560}
+EAGER=${EAGER:-1}
 mkdir -p "$OUT" "$RUNS"
 if [ ! -f "$BENCH/datasets/bench_sp8192/fineweb_train_000000.bin" ]; then
   "$PY" -m data benchmark-set --vocab 8192 --sources "$SOURCES" --out "$BENCH" > "$OUT/build_sp8192.log" 2>&1
@@ -32,11 +33,11 @@ RUN_ID=ttt_ckpt
 rc=0
 RUN_ID=$RUN_ID MAX_WALLCLOCK_SECONDS=$BUDGET TRAIN_BATCH_TOKENS=98304 GRAD_ACCUM_STEPS=1 \
   COMPILE=${CKPT_COMPILE:-0} TTT_ENABLED=1 TTT_COMPILE=1 \
-  timeout -k 5 $((TOTAL - 60 - SECONDS)) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py \
+  timeout -k 5 $((TOTAL - (EAGER == 1 ? 60 : 5) - SECONDS)) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py \
   2>&1 | tee "$OUT/ttt_compiled.console" || rc=$?
 echo "ttt_h100: compiled run rc:$rc at ${SECONDS}s"
 left=$((TOTAL - SECONDS))
-if [ "${EAGER:-1}" = 1 ] && [ -f "$RUNS/${RUN_ID}_model.pre.bin" ] && [ "$left" -gt 30 ]; then
+if [ "$EAGER" = 1 ] && [ -f "$RUNS/${RUN_ID}_model.pre.bin" ] && [ "$left" -gt 30 ]; then
   TTT_COMPILE=0 timeout -k 5 "$left" "$PY" -m quant requantize "$RUNS/${RUN_ID}_model.pre.bin" \
     -o "$RUNS/rq_eager.bin" --stages 2>&1 | tee "$OUT/ttt_eager.console" || echo "ttt_h100: eager rc:$? at ${SECONDS}s"
 fi

@@ -16,7 +16,8 @@ Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a l
 docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
 totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
-so far); with --profile-len, a kernel table of one phase of TTT_BATCH_DOCS documents that long.
+so far); with --profile-len, a kernel table of one phase of TTT_BATCH_DOCS (--profile-docs) documents
+that long.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile-len", type=int, default=0, help="then profile one batch of documents this long")
+    ap.add_argument("--profile-docs", type=int, default=0, help="documents in the profiled phase (default: the slots)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the regions")
     a = ap.parse_args()
@@ -148,13 +150,18 @@ def main() -> None:
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
               f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.4f}{peak}", flush=True)
     if a.profile_len:  # one phase of equal documents, kernel time by name (golf/profile.py)
-        ptokens = synthetic([a.profile_len] * s.batch_docs, cfg.vocab_size, cfg.seed + 1)
+        ptokens = synthetic([a.profile_len] * (a.profile_docs or s.batch_docs), cfg.vocab_size, cfg.seed + 1)
         pdocs = ttt.split_documents(ptokens)
 
         def step():
             ttt.score_docs(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
                            BpbMeter(device), device, autocast)
         ttt._nats = nats
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"profile_phase_wall:{time.perf_counter() - t:.3f}s (unprofiled; the kernel time below is of a second run)")
         for line in profile_lines(profile_steps(step, 1, device, top=30), f"ttt_docs_len{a.profile_len}"):
             print(line, flush=True)
     if a.compile:

@@ -6,7 +6,8 @@
 #   VAL=1 MICRO=32768,131072 REPLICATE=2 EAGER_CAP=0 ... bench/ttt_probe_h100.sh # settings, a larger val
 # VAL=1 builds the SP8192 benchmark set from SOURCES first (as bench/record_h100.sh does) and scores
 # its val documents (REPLICATE copies of them); MICRO scores them once per TTT_MICRO_BATCH_TOKENS value
-# in one process; PROFILE_LEN > 0 adds a kernel table of one phase of documents that long;
+# in one process; PROFILE_LEN > 0 adds a kernel table of one phase of PROFILE_DOCS (default: the
+# slots) documents that long;
 # EAGER_CAP=0 leaves out the eager run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ if [ "${VAL:-0}" = 1 ]; then
   DOCS=(--val "$BENCH/datasets/bench_sp8192/fineweb_val_[0-9]*.bin" "${DOCS[@]:2}")
 fi
 TORCH_LOGS=recompiles timeout -k 5 "${COMPILED_CAP:-380}" "$PY" bench/ttt_probe.py --compile 1 "${DOCS[@]}" \
-  --profile-len "$PROFILE_LEN" > "$OUT/ttt_probe_compiled.log" 2>&1
+  --profile-len "$PROFILE_LEN" --profile-docs "${PROFILE_DOCS:-0}" > "$OUT/ttt_probe_compiled.log" 2>&1
 grep -v "^V1\|^\s*- \|User stack\|return fn\|, [0-9]" "$OUT/ttt_probe_compiled.log" | tail -40
 [ "${EAGER_CAP:-150}" = 0 ] && exit 0
 timeout -k 5 "${EAGER_CAP:-150}" "$PY" bench/ttt_probe.py --compile 0 "${DOCS[@]}" --profile-len "$PROFILE_LEN" 2>&1 \

@@ -121,20 +121,17 @@ def plan(docs: np.ndarray, s: TTTSettings) -> list[np.ndarray]:
 
 class BatchedLoRA(nn.Module):
     """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot. A [S, in, r] and B [S, r, out] are
-    views into the flat buffers of `Adapters` (so are their gradients), which reset and step them.
-    During a pass, `a` and `b` hold copies of the pass's rows as leaves of their own: their gradients
-    cost the pass's rows only (indexing A itself would give every pass a full-size gradient)."""
+    views into the flat buffers of `Adapters` (so are their gradients), which reset and step them."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float):
         super().__init__()
         self.A, self.B = nn.Parameter(A), nn.Parameter(B)  # share the views' storage
         self.scale = scale
         self.active = True  # off during the global pass, which trains the base model alone
-        self.a: torch.Tensor | None = None
-        self.b: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # the slots of the rows in the current pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = (self.A, self.B) if self.a is None else (self.a, self.b)
+        A, B = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
         return (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
 
 
@@ -193,48 +190,24 @@ class Adapters:
 
     def step(self, slots: np.ndarray) -> None:
         """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the given slots;
-        the others keep their values. Gradients are zeroed for the next chunk. A few slots (a long
-        document's tail) are stepped on copies of their rows, so the step costs their rows only."""
-        s, S, n = self.s, self.P.shape[0], self.P.shape[1]
-        few = 4 * len(slots) <= S
-        rows = _to_device(np.asarray(slots, dtype=np.int64), self.P.device)
+        the others keep their values. Gradients are zeroed for the next chunk."""
+        s = self.s
+        on = torch.zeros(self.P.shape[0], 1, dtype=torch.bool)
+        on[torch.as_tensor(slots)] = True
+        on = _to_device(on.numpy(), self.P.device)
+        n = self.P.shape[1]
+        cols = n if self.adamw is not _row_adamw else max(1, 2**24 // self.P.shape[0])  # eager: bounded temporaries
         with torch.no_grad():
-            if few:  # eager on copies of the rows, then written back
-                bufs = [None if b is None else b[rows] for b in (self.P, self.G, self.M, self.V)]
-                t = self.t[rows] + 1
-                on, adamw = torch.ones(len(slots), 1, dtype=torch.bool, device=self.P.device), _row_adamw
-            else:
-                on = torch.zeros(S, 1, dtype=torch.bool)
-                on[torch.as_tensor(slots)] = True
-                on = _to_device(on.numpy(), self.P.device)
-                bufs, t, adamw = [self.P, self.G, self.M, self.V], self.t + on[:, 0], self.adamw
-            cols = n if adamw is not _row_adamw else max(1, 2**24 // len(on))  # eager: bounded temporaries
+            self.t.add_(on[:, 0])
             for c in range(0, n, cols):
-                P, G, M, V = (None if b is None else b[:, c : c + cols] for b in bufs)
-                adamw(P, G, M, V, t[:, None], on, s.lr, s.beta1, s.beta2, s.weight_decay)
-            if few:
-                for buf, part in zip((self.P, self.M, self.V), (bufs[0], bufs[2], bufs[3])):
-                    if buf is not None:
-                        buf[rows] = part
-                self.t[rows] = t
-                self.G[rows] = 0
-            else:
-                self.t.copy_(t)
-                self.G.zero_()
+                part = slice(c, c + cols)
+                self.adamw(self.P[:, part], self.G[:, part], None if self.M is None else self.M[:, part],
+                           self.V[:, part], self.t[:, None], on, s.lr, s.beta1, s.beta2, s.weight_decay)
+            self.G.zero_()
 
     def select(self, rows: torch.Tensor | None) -> None:
-        """The pass's rows (slots; None: all, as the model's own forward): leaf copies of their adapters."""
         for lora in self.loras:
-            lora.a = None if rows is None else lora.A.detach()[rows].requires_grad_()
-            lora.b = None if rows is None else lora.B.detach()[rows].requires_grad_()
-
-    def collect(self, rows: torch.Tensor) -> None:
-        """Adds the pass's gradients to the slots' rows of the flat gradient buffer."""
-        with torch.no_grad():
-            for lora in self.loras:
-                for leaf, full in ((lora.a, lora.A), (lora.b, lora.B)):
-                    if leaf is not None and leaf.grad is not None:
-                        full.grad.index_add_(0, rows, leaf.grad)
+            lora.rows = rows
 
     def enable(self, on: bool) -> None:
         for lora in self.loras:
@@ -411,8 +384,7 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
             idx = base + at  # input positions; their targets are idx + 1
             y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
             if adapters is not None:
-                rows = _to_device(active[sel], device)
-                adapters.select(rows)
+                adapters.select(_to_device(active[sel], device))
             xt, yt, mask = _to_device(x, device), _to_device(y, device), _to_device(scored, device)
             backward = bool(train[sel].any())
             # compiled regions: always with grad (a pass without training skips its backward), so no
@@ -427,7 +399,6 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
             if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
                 weight = _to_device(train[sel].astype(np.float32), device)
                 ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
-                adapters.collect(rows)
         if train.any():
             adapters.step(active[train])
         slot_chunk[active] += 1

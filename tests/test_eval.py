@@ -255,15 +255,13 @@ def test_ttt_scores_do_not_depend_on_slots_or_passes(model, val):
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-@pytest.mark.parametrize("slots", [3, 8], ids=["all-rows", "few-rows"])
-def test_adapter_adamw_is_torch_adamw_per_slot(beta1, slots):
+def test_adapter_adamw_is_torch_adamw_per_slot(beta1):
     """The adapters' row-wise AdamW: a slot stepping alone follows torch.optim.AdamW on its own
     parameters; slots not stepped keep their values and state; a slot reset mid-way starts over
-    (its own step count) and then matches a fresh torch.optim.AdamW. Two of three slots step over
-    the whole buffers, two of eight on copies of their rows."""
+    (its own step count) and then matches a fresh torch.optim.AdamW."""
     m = small_model(seed=5).eval()
     s = ttt.TTTSettings(chunk=8, seq_len=32, lora_rank=3, lr=1e-2, beta1=beta1, beta2=0.99, weight_decay=0.3)
-    adapters = ttt.Adapters(m, s, slots, CPU)
+    adapters = ttt.Adapters(m, s, 3, CPU)
     try:
         lora = adapters.loras[0]
         ref = torch.nn.Parameter(lora.A[0].detach().clone())
@@ -285,7 +283,7 @@ def test_adapter_adamw_is_torch_adamw_per_slot(beta1, slots):
             opt.step()
             torch.testing.assert_close(lora.A[0], ref, rtol=1e-5, atol=1e-6)
             assert not lora.A.grad.any()  # zeroed for the next chunk
-        assert torch.equal(lora.A[2], untouched) and adapters.t.tolist() == [2.0, 5.0] + [0.0] * (slots - 2)
+        assert torch.equal(lora.A[2], untouched) and adapters.t.tolist() == [2.0, 5.0, 0.0]
     finally:
         adapters.remove()
 

@@ -170,7 +170,7 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
-    Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~1.8x eager after a ~190 s warmup)"),
+    Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~190 s cold warmup, logged apart)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),
     Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
     Knob("FUSED_MLP", bool, False, "Triton fused fc + LeakyReLU^2 on CUDA in training (kernels/leaky_mlp.py; off: no clear gain yet)"),

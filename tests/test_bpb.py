@@ -3,17 +3,16 @@ of the decoded text (SPEC.md section 3), for SP1024 and for SP8192 re-encodings 
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data.shards import load_shard, split_documents, write_shard
 from golf.bpb import BpbMeter, ByteCounter, load_byte_sidecar
+from tests.gloo_ranks import free_port, gloo_group
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VAL = SHARED / "fineweb" / "sp1024" / "fineweb_val_000000.bin"
@@ -178,15 +177,8 @@ def test_meter_mask_counts_what_selecting_counts():
         masked.update(nats, bytes_, mask[:, :47])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reduce_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         m = BpbMeter("cpu")
         # Ranks score different amounts, so the mean of per-rank bpb would be wrong.
         n = 10 if rank == 0 else 30
@@ -194,12 +186,10 @@ def _reduce_worker(rank, world, port, out_dir):
         m.all_reduce()
         m.all_reduce()  # idempotent
         torch.save(torch.tensor([m.nats, m.bytes, m.tokens], dtype=torch.float64), f"{out_dir}/r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_all_reduce_sums_across_two_processes(tmp_path):
-    mp.spawn(_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_reduce_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     nats, nbytes, tokens = 10 * 1 + 30 * 2, 10 * 2 + 30 * 3, 40
     for r in range(2):
         got = torch.load(tmp_path / f"r{r}.pt").tolist()

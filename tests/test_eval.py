@@ -14,6 +14,7 @@ from data.shards import BOS_ID, load_stream
 from golf import ttt
 from golf.bpb import ByteCounter
 from golf.evaluate import document_pieces, evaluate_stream, pack_pieces, target_bytes, window_plan
+from tests.gloo_ranks import free_port, gloo_group
 from tests.test_record_stack import SMALL, small_model
 from tests.trainer_runs import SAMPLE
 
@@ -407,10 +408,7 @@ CALM_LR = 3e-3
 
 
 def _ttt_worker(rank, world, port, out_dir, tokens, bytes_):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.set_num_threads(1)
         m = small_model(VOCAB_SIZE=VOCAB, seed=3)
         with torch.no_grad():
@@ -419,19 +417,15 @@ def _ttt_worker(rank, world, port, out_dir, tokens, bytes_):
         with float64():
             r = ttt.evaluate_ttt(m.double().eval(), tokens, bytes_, small_ttt(phase_ends=(2,), lr=CALM_LR), CPU)
         torch.save(torch.tensor([r["val_loss"], r["val_bpb"], r["tokens"]], dtype=torch.float64), f"{out_dir}/r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ttt_over_two_ranks_matches_one_process(model, val, tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_bpb import _free_port
-
     tokens, bytes_ = val
     with float64():
         _, one = ttt_scores(copy.deepcopy(model).double(), tokens, bytes_, small_ttt(phase_ends=(2,), lr=CALM_LR))
-    mp.spawn(_ttt_worker, args=(2, _free_port(), str(tmp_path), tokens, bytes_), nprocs=2, join=True)
+    mp.spawn(_ttt_worker, args=(2, free_port(), str(tmp_path), tokens, bytes_), nprocs=2, join=True)
     for r in range(2):
         loss, bpb, n = torch.load(tmp_path / f"r{r}.pt").tolist()
         assert n == one["tokens"]

@@ -1,17 +1,16 @@
 """golf/optim.py on CPU: Polar Express, MuonEq-R, sharded Muon over 2 gloo ranks against one process,
 AdamW averaging and weight decay, global-norm clipping, optimizer reset, EMA and the schedules."""
 import math
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from golf.optim import (EMA, POLAR_EXPRESS_COEFFS, build_optimizer, lr_schedule, momentum_warmup,
                         muon_shard_update, polar_express, row_normalize)
+from tests.gloo_ranks import free_port, gloo_group
 
 # 3 of one shape (padded to 4 over 2 ranks), one tall matrix alone (rank 1 holds only padding), a pair
 SHAPES = [(16, 32)] * 3 + [(32, 16)] + [(24, 24)] * 2
@@ -65,8 +64,7 @@ CONFIGS = {"noclip": _hp(), "clip": _hp(grad_clip_norm=1.0)}
 
 def _rank_worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         result = {}
         for key, hp in CONFIGS.items():
             named = _make_params()
@@ -74,14 +72,6 @@ def _rank_worker(rank, port, out_dir):
             result[key] = {"params": {n: p.detach().clone() for n, p in named.items()}, "norms": norms,
                            "momentum": opt.state_dict()["muon_momentum"]}
         torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- Polar Express
@@ -181,7 +171,7 @@ def test_muon_matches_per_matrix_reference():
 
 # ----------------------------------------------------------------------------- sharded == single process
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

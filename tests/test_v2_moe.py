@@ -1,11 +1,9 @@
 """Research trainer, mixture of experts: layers and widths, aux losses in the training loss, Muon on
 expert stacks, usage reports, SOM key updates (and across ranks), frozen experts kept out of the
 artifact, torch.compile."""
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +15,7 @@ from golf.optim import build_optimizer
 from golf.som_router import SOMMoE
 from quant import export
 from quant.serialize import deserialize, serialize
+from tests.gloo_ranks import free_port, gloo_group
 from tests.test_optim import _hp
 from tests.test_record_stack import tokens
 from tests.v2_models import build, cfg_of, n_params
@@ -195,15 +194,12 @@ def test_compiled_model_matches_eager(env):
 # ----------------------------------------------------------------------------- SOM keys over ranks
 def _som_rank_worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         m = _som_layer()
         q, idx = _saved_tokens()
         m._saved = (q[rank * 16:(rank + 1) * 16], idx[rank * 16:(rank + 1) * 16])
         m.update_keys()
         torch.save(m.keys, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _som_layer() -> SOMMoE:
@@ -216,16 +212,10 @@ def _saved_tokens():
     return F.normalize(torch.randn(32, 8, generator=g), dim=-1), torch.randint(0, 4, (32, 2), generator=g)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_som_key_updates_over_two_ranks_equal_one_process_with_all_tokens(tmp_path):
     """Every rule on (attraction, co-pull, decay): each rank saw half the tokens; both end with the keys
     one process gets from all of them, so the ranks' keys never drift apart."""
-    mp.spawn(_som_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_som_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     m = _som_layer()
     m._saved = _saved_tokens()
     before = m.keys.clone()

@@ -11,7 +11,8 @@ import train_gpt_v2 as v2
 from golf.config import KnobError, parse_knobs
 from golf.optim import build_optimizer
 from golf.v2_optim import Adafactor, Lion, matrix_factory
-from tests.test_optim import _classify, _free_port, _hp, _make_params, _rank_grads
+from tests.gloo_ranks import free_port, gloo_group
+from tests.test_optim import _classify, _hp, _make_params, _rank_grads
 
 
 def test_lion_one_step_by_hand():
@@ -99,10 +100,8 @@ def test_reset_replays_the_matrix_optimizer():
 
 
 def _worker(rank, port, out):
-    import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         named = _make_params()
         opt = build_optimizer(named, _classify, _hp(grad_clip_norm=1.0), matrix_optimizer=matrix_factory(_cfg(MATRIX_OPTIMIZER="adafactor")))
         for step in range(3):
@@ -110,8 +109,6 @@ def _worker(rank, port, out):
                 named[n].grad = g
             opt.step(1.0, 0.95)
         torch.save({n: p.detach() for n, p in named.items()}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_process_with_averaged_grads():
@@ -123,7 +120,7 @@ def test_two_ranks_equal_one_process_with_averaged_grads():
             named[n].grad = (g0[n] + g1[n]) / 2
         opt.step(1.0, 0.95)
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
         ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(2)]
     for n, p in named.items():
         assert torch.equal(ranks[0][n], ranks[1][n])

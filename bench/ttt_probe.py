@@ -16,8 +16,10 @@ Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a l
 docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
 totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
-so far); with --profile-len, a kernel table of one phase of TTT_BATCH_DOCS (--profile-docs) documents
-that long.
+so far); with --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
+(1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
+time per step unprofiled, then under the profiler the kernel time against the wall time per step,
+kernel launches per step, and the largest kernels and host operators (golf/profile.py).
 """
 from __future__ import annotations
 
@@ -73,8 +75,7 @@ def main() -> None:
                     help="score the documents once per value of TTT_MICRO_BATCH_TOKENS, in one process")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
-    ap.add_argument("--profile-len", type=int, default=0, help="then profile one batch of documents this long")
-    ap.add_argument("--profile-docs", type=int, default=0, help="documents in the profiled phase (default: the slots)")
+    ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the regions")
     a = ap.parse_args()
@@ -149,20 +150,23 @@ def main() -> None:
         print(f"ttt_probe done micro_tokens:{micro} tokens:{total} scoring:{scoring:.1f}s "
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
               f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.4f}{peak}", flush=True)
-    if a.profile_len:  # one phase of equal documents, kernel time by name (golf/profile.py)
-        ptokens = synthetic([a.profile_len] * (a.profile_docs or s.batch_docs), cfg.vocab_size, cfg.seed + 1)
-        pdocs = ttt.split_documents(ptokens)
+    ttt._nats = nats
+    for spec in filter(None, a.profile.split(",")):
+        length, _, count = spec.partition("x")
+        ptokens = synthetic([int(length)] * int(count or s.batch_docs), cfg.vocab_size, cfg.seed + 1)
+        pdocs, steps = ttt.split_documents(ptokens), [0]
 
-        def step():
+        def phase():
             ttt.score_docs(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
-                           BpbMeter(device), device, autocast)
-        ttt._nats = nats
+                           BpbMeter(device), device, autocast, on_step=lambda n, *_: steps.__setitem__(0, n))
         t = time.perf_counter()
-        step()
+        phase()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(f"profile_phase_wall:{time.perf_counter() - t:.3f}s (unprofiled; the kernel time below is of a second run)")
-        for line in profile_lines(profile_steps(step, 1, device, top=30), f"ttt_docs_len{a.profile_len}"):
+        wall = time.perf_counter() - t
+        print(f"profile_phase docs:{len(pdocs)}x{length} steps:{steps[0]} wall:{wall:.3f}s "
+              f"ms_per_step:{1000 * wall / steps[0]:.2f} (unprofiled; the profile is of a second run)", flush=True)
+        for line in profile_lines(profile_steps(phase, 1, device, top=30), f"ttt_{len(pdocs)}x{length}"):
             print(line, flush=True)
     if a.compile:
         print(torch._dynamo.utils.compile_times(repr="str"), flush=True)

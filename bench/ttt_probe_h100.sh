@@ -6,8 +6,9 @@
 #   VAL=1 MICRO=32768,131072 REPLICATE=2 EAGER_CAP=0 ... bench/ttt_probe_h100.sh # settings, a larger val
 # VAL=1 builds the SP8192 benchmark set from SOURCES first (as bench/record_h100.sh does) and scores
 # its val documents (REPLICATE copies of them); MICRO scores them once per TTT_MICRO_BATCH_TOKENS value
-# in one process; PROFILE_LEN > 0 adds a kernel table of one phase of PROFILE_DOCS (default: the
-# slots) documents that long;
+# in one process; PROFILE=LENxDOCS,... adds, per entry, one phase of DOCS documents LEN tokens long:
+# its ms/step, kernel time against wall time, launches per step, kernels and host operators
+# (PROFILE=4096x1,2048x64: a long document's chain of 2-row steps, then full steps);
 # EAGER_CAP=0 leaves out the eager run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ PY=${PY:-python3}
 BENCH=${BENCH:-/tmp/bench}
 SOURCES=${SOURCES:-../shared/data}
 LENGTHS=${LENGTHS:-2600x64,900x64,300x64}
-PROFILE_LEN=${PROFILE_LEN:-0}
+PROFILE=${PROFILE:-}
 mkdir -p "$OUT"
 DOCS=(--lengths "$LENGTHS" --replicate "${REPLICATE:-1}" ${MICRO:+--micro-tokens "$MICRO"})
 if [ "${VAL:-0}" = 1 ]; then
@@ -26,8 +27,8 @@ if [ "${VAL:-0}" = 1 ]; then
   DOCS=(--val "$BENCH/datasets/bench_sp8192/fineweb_val_[0-9]*.bin" "${DOCS[@]:2}")
 fi
 TORCH_LOGS=recompiles timeout -k 5 "${COMPILED_CAP:-380}" "$PY" bench/ttt_probe.py --compile 1 "${DOCS[@]}" \
-  --profile-len "$PROFILE_LEN" --profile-docs "${PROFILE_DOCS:-0}" > "$OUT/ttt_probe_compiled.log" 2>&1
+  --profile "$PROFILE" > "$OUT/ttt_probe_compiled.log" 2>&1
 grep -v "^V1\|^\s*- \|User stack\|return fn\|, [0-9]" "$OUT/ttt_probe_compiled.log" | tail -40
 [ "${EAGER_CAP:-150}" = 0 ] && exit 0
-timeout -k 5 "${EAGER_CAP:-150}" "$PY" bench/ttt_probe.py --compile 0 "${DOCS[@]}" --profile-len "$PROFILE_LEN" 2>&1 \
+timeout -k 5 "${EAGER_CAP:-150}" "$PY" bench/ttt_probe.py --compile 0 "${DOCS[@]}" --profile "$PROFILE" 2>&1 \
   | tee "$OUT/ttt_probe_eager.log"

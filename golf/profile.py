@@ -4,6 +4,7 @@ and category shares (matmul, attention, fused Triton, communication, ...), for t
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ CATEGORIES = (
     ("triton", re.compile(r"^triton_|_kernel$", re.I)),
     ("memory", re.compile(r"memcpy|memset|copy|aten::to\b|aten::cat\b", re.I)),
 )
+LAUNCH = re.compile(r"^(cudaLaunchKernel|cuLaunchKernel|cudaLaunchKernelExC|cuLaunchKernelEx|cudaLaunchCooperativeKernel)$")
 
 
 def category(name: str) -> str:
@@ -45,38 +47,67 @@ def kernel_rows(events, cuda: bool, steps: int) -> list[tuple[str, float, int]]:
     return [(name, us / 1000 / steps, count // steps) for name, (us, count) in acc.items()]
 
 
+def host_rows(events, steps: int) -> tuple[int, list[tuple[str, float, int]]]:
+    """Kernel launches per step (CUDA runtime/driver launch calls), and (name, self CPU ms per step,
+    calls per step) of every host-side operator: where a launch-bound step spends its CPU time."""
+    launches, acc = 0, {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA or e.key.startswith("ProfilerStep"):
+            continue
+        if LAUNCH.search(e.key):
+            launches += e.count
+        row = acc.setdefault(e.key, [0.0, 0])
+        row[0] += e.self_cpu_time_total
+        row[1] += e.count
+    return launches // steps, [(name, us / 1000 / steps, count // steps) for name, (us, count) in acc.items()]
+
+
 def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
     """Runs `step` `steps` times under the profiler (after one unprofiled call, so no first-call work
     is counted). Times are device (GPU kernel) time on CUDA and self CPU time elsewhere, in ms per step.
     Returns {"per_step_ms", "categories": {name: ms}, "kernels": [{"name", "ms", "share", "calls",
-    "category"}] (the `top` largest)}."""
+    "category"}] (the `top` largest), "wall_ms" (per step, under the profiler, which slows the host
+    side), "launches" (per step), "host": on CUDA, the 10 largest host operators by self CPU time, like kernels}.
+    Kernel time well below wall time means the GPU waits on the host (launches, Python)."""
     cuda = device.type == "cuda"
     step()
     if cuda:
         torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    rows = kernel_rows(prof.key_averages(), cuda, steps)
+        wall = (time.perf_counter() - t0) * 1000 / steps
+    events = prof.key_averages()
+    rows = kernel_rows(events, cuda, steps)
     total = sum(ms for _, ms, _ in rows) or 1e-12
     cats: dict[str, float] = {}
     for name, ms, _ in rows:
         cats[category(name)] = cats.get(category(name), 0.0) + ms
     rows.sort(key=lambda r: -r[1])
+    launches, host = host_rows(events, steps)
+    host.sort(key=lambda r: -r[1])
     return {"per_step_ms": total, "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "kernels": [{"name": n, "ms": ms, "share": ms / total, "calls": c, "category": category(n)}
-                        for n, ms, c in rows[:top]]}
+                        for n, ms, c in rows[:top]],
+            "wall_ms": wall, "launches": launches,
+            "host": [{"name": n, "ms": ms, "calls": c} for n, ms, c in host[:10]] if cuda else []}
 
 
 def profile_lines(result: dict, label: str) -> list[str]:
-    """Log lines: per-step total, category shares, then the largest kernels."""
+    """Log lines: per-step total, category shares, wall time and launches, then the largest kernels
+    and host operators."""
     total = result["per_step_ms"]
     lines = [f"profile {label}: {total:.2f} ms/step of kernel time; " +
-             " ".join(f"{c}:{ms:.2f}ms({ms / total:.0%})" for c, ms in result["categories"].items())]
+             " ".join(f"{c}:{ms:.2f}ms({ms / total:.0%})" for c, ms in result["categories"].items()),
+             f"profile {label}: wall {result['wall_ms']:.2f} ms/step under the profiler, "
+             f"{result['launches']} kernel launches/step"]
     for k in result["kernels"]:
         lines.append(f"profile {label}   {k['ms']:8.3f} ms {k['share']:6.1%} x{k['calls']:<4d} {k['category']:<13s} "
                      f"{k['name'][:110]}")
+    for h in result["host"]:
+        lines.append(f"profile {label}   host {h['ms']:8.3f} ms x{h['calls']:<5d} {h['name'][:110]}")
     return lines

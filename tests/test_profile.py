@@ -46,3 +46,20 @@ def test_cuda_rows_count_kernels_once():
               E(key="ProfilerStep#1", device_type=DeviceType.CPU, self_device_time_total=0.0, self_cpu_time_total=9.0, count=2)]
     assert kernel_rows(events, cuda=True, steps=2) == [("nvjet_gemm", 1.5, 3)]
     assert kernel_rows(events, cuda=False, steps=2) == [("aten::mm", 0.025, 3)]
+
+
+def test_host_rows_count_launches_and_host_time():
+    """Launch calls are counted per step; host rows take self CPU time of host events only."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from golf.profile import host_rows
+    events = [E(key="cudaLaunchKernel", device_type=DeviceType.CPU, self_cpu_time_total=400.0, count=40),
+              E(key="cuLaunchKernel", device_type=DeviceType.CPU, self_cpu_time_total=200.0, count=20),
+              E(key="aten::mm", device_type=DeviceType.CPU, self_cpu_time_total=100.0, count=6),
+              E(key="nvjet_gemm", device_type=DeviceType.CUDA, self_cpu_time_total=0.0, count=6),
+              E(key="ProfilerStep#1", device_type=DeviceType.CPU, self_cpu_time_total=9.0, count=2)]
+    launches, rows = host_rows(events, steps=2)
+    assert launches == 30
+    assert sorted(rows) == [("aten::mm", 0.05, 3), ("cuLaunchKernel", 0.1, 10), ("cudaLaunchKernel", 0.2, 20)]

@@ -170,6 +170,7 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
+    Knob("TTT_CUDA_GRAPHS", int, 0, "most TTT step shapes kept as CUDA graphs: a shape seen twice is captured, later steps replay it (0: off)"),
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~190 s cold warmup, logged apart)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),
     Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
@@ -917,7 +918,7 @@ def ttt_settings(cfg, n_docs: int, device: torch.device) -> TTTSettings:
         phase_ends=phase_ends(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, n_docs),
         global_lr=cfg.global_ttt_lr, global_momentum=cfg.global_ttt_momentum, global_epochs=cfg.global_ttt_epochs,
         global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip,
-        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed,
+        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed, graphs=cfg.ttt_cuda_graphs,
         compile=device.type == "cuda" if cfg.ttt_compile is None else cfg.ttt_compile)
 
 

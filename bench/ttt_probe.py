@@ -16,7 +16,8 @@ Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a l
 docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
 totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
-so far); with --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
+so far). --graphs 0,4 scores everything once without CUDA graphs and once with up to 4 (an A/B in
+one process; the bpb must agree). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
 (1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
 time per step unprofiled, then under the profiler the kernel time against the wall time per step,
 kernel launches per step, and the largest kernels and host operators (golf/profile.py).
@@ -40,6 +41,7 @@ from golf import ttt  # noqa: E402
 from golf.bpb import BpbMeter  # noqa: E402
 from golf.config import parse_knobs  # noqa: E402
 from golf.profile import profile_lines, profile_steps  # noqa: E402
+from golf.step_graphs import StepGraphs  # noqa: E402
 
 SMOKE = {"NUM_LAYERS": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "256",
          "LOOP_START": "1", "LOOP_END": "1", "XSA_LAST_N": "1", "PARALLEL_START_LAYER": "2", "ROPE_DIMS": "8",
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--replicate", type=int, default=1, help="score this many copies of the documents")
     ap.add_argument("--micro-tokens", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="score the documents once per value of TTT_MICRO_BATCH_TOKENS, in one process")
+    ap.add_argument("--graphs", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="score once per value of TTT_CUDA_GRAPHS (0: none), e.g. 0,4: an A/B in one process")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")
@@ -123,8 +127,10 @@ def main() -> None:
           f"slots:{s.batch_docs} rank:{s.lora_rank} "
           f"params:{sum(p.numel() for p in model.parameters())}", flush=True)
     taken_lengths = np.concatenate(([0], np.cumsum(lengths)))
-    for micro in a.micro_tokens or [s.micro_tokens]:  # shapes are dynamic: no new graphs per setting
+    runs = [(micro, g) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs]
+    for micro, graph_cap in runs:  # shapes are dynamic: no new compiled graphs per setting
         s = dataclasses.replace(s, micro_tokens=micro)
+        step_graphs = StepGraphs(device, graph_cap) if graph_cap else None
         meter, mark = BpbMeter(device), [time.perf_counter(), 0]  # time and tokens at the last line
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -142,31 +148,34 @@ def main() -> None:
 
         start = mark[0] = time.perf_counter()
         total = ttt.score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
-                               on_step=progress)
+                               on_step=progress, graphs=step_graphs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         scoring = time.perf_counter() - start
         peak = f" peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB" if device.type == "cuda" else ""
-        print(f"ttt_probe done micro_tokens:{micro} tokens:{total} scoring:{scoring:.1f}s "
+        print(f"ttt_probe done micro_tokens:{micro} cuda_graphs:{graph_cap} tokens:{total} scoring:{scoring:.1f}s "
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
-              f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.4f}{peak}", flush=True)
+              f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.6f}{peak}"
+              + (f" step_graphs {step_graphs.stats()}" if step_graphs else ""), flush=True)
     ttt._nats = nats
-    for spec in filter(None, a.profile.split(",")):
+    for spec, graph_cap in [(p, g) for p in filter(None, a.profile.split(",")) for g in a.graphs]:
+        step_graphs = StepGraphs(device, graph_cap) if graph_cap else None
         length, _, count = spec.partition("x")
         ptokens = synthetic([int(length)] * int(count or s.batch_docs), cfg.vocab_size, cfg.seed + 1)
         pdocs, steps = ttt.split_documents(ptokens), [0]
 
         def phase():
             ttt.score_docs(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
-                           BpbMeter(device), device, autocast, on_step=lambda n, *_: steps.__setitem__(0, n))
+                           BpbMeter(device), device, autocast, on_step=lambda n, *_: steps.__setitem__(0, n),
+                           graphs=step_graphs)
         t = time.perf_counter()
         phase()
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        print(f"profile_phase docs:{len(pdocs)}x{length} steps:{steps[0]} wall:{wall:.3f}s "
+        print(f"profile_phase docs:{len(pdocs)}x{length} cuda_graphs:{graph_cap} steps:{steps[0]} wall:{wall:.3f}s "
               f"ms_per_step:{1000 * wall / steps[0]:.2f} (unprofiled; the profile is of a second run)", flush=True)
-        for line in profile_lines(profile_steps(phase, 1, device, top=30), f"ttt_{len(pdocs)}x{length}"):
+        for line in profile_lines(profile_steps(phase, 1, device, top=30), f"ttt_{len(pdocs)}x{length}_g{graph_cap}"):
             print(line, flush=True)
     if a.compile:
         print(torch._dynamo.utils.compile_times(repr="str"), flush=True)

@@ -25,6 +25,7 @@ document's scores do not depend on the other documents scored beside it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -40,6 +41,7 @@ from golf.attention import doc_boundaries
 from golf.bpb import BpbMeter
 from golf.dist import all_reduce_
 from golf.evaluate import rank_range
+from golf.step_graphs import StepGraphs
 
 BOS_ID = 1
 # the adapters' gradients are strided views into one flat buffer (accumulated in place, as intended);
@@ -74,6 +76,7 @@ class TTTSettings:
     micro_tokens: int = 65536  # most window tokens per forward/backward; a step's rows split into passes
     seed: int = 0
     compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
+    graphs: int = 0  # most step shapes kept as CUDA graphs (golf/step_graphs.py); 0: none
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -180,7 +183,7 @@ class Adapters:
 
     def reset(self, slots: np.ndarray | None = None) -> None:
         """Fresh adapters and optimizer state for the given slots (all by default)."""
-        rows = slice(None) if slots is None else torch.as_tensor(slots, device=self.P.device)
+        rows = slice(None) if slots is None else _to_device(np.asarray(slots, dtype=np.int64), self.P.device)
         with torch.no_grad():
             for buf in (self.G, self.M, self.V):
                 if buf is not None:
@@ -188,13 +191,16 @@ class Adapters:
             self.P[rows] = self.init
             self.t[rows] = 0
 
-    def step(self, slots: np.ndarray) -> None:
-        """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the given slots;
-        the others keep their values. Gradients are zeroed for the next chunk."""
+    def slot_mask(self, slots: np.ndarray) -> torch.Tensor:
+        """[slots, 1] bool on the adapters' device, set at the given slots: what `step` takes."""
+        on = np.zeros((self.P.shape[0], 1), dtype=bool)
+        on[slots] = True
+        return _to_device(on, self.P.device)
+
+    def step(self, on: torch.Tensor) -> None:
+        """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the slots set in
+        `on` (see slot_mask); the others keep their values. Gradients are zeroed for the next chunk."""
         s = self.s
-        on = torch.zeros(self.P.shape[0], 1, dtype=torch.bool)
-        on[torch.as_tensor(slots)] = True
-        on = _to_device(on.numpy(), self.P.device)
         n = self.P.shape[1]
         cols = n if self.adamw is not _row_adamw else max(1, 2**24 // self.P.shape[0])  # eager: bounded temporaries
         with torch.no_grad():
@@ -325,15 +331,38 @@ class _Counter:
         return np.arange(end - k, min(end, self.total), dtype=np.int64)
 
 
+def _step(model, adapters: Adapters | None, autocast, backwards: tuple[bool, ...], *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The device work of one scoring step: per pass (slots, x, y, at, mask, weight, as score_docs
+    builds them) the nats of its scored positions, and the backward of its training rows' mean losses;
+    then, with a trailing slot mask, the adapters' AdamW step. Returns the passes' nats. Reads nothing
+    but its inputs and never waits for the GPU, so a CUDA graph can replay it (golf/step_graphs.py)."""
+    out = []
+    for k, backward in enumerate(backwards):
+        slots, x, y, at, mask, weight = inputs[6 * k : 6 * k + 6]
+        if adapters is not None:
+            adapters.select(slots)
+        # compiled regions: always with grad (a pass without training skips its backward), so no
+        # separate no-grad graphs are compiled for it
+        with torch.set_grad_enabled(backward or (adapters is not None and model.regions is not None)):
+            nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at)
+        if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
+            ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
+        out.append(nats.detach())
+    if len(inputs) > 6 * len(backwards):
+        adapters.step(inputs[-1])
+    return out
+
+
 def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
                device, autocast, token_nats=None, take: Callable[[int], np.ndarray] | None = None,
-               on_step: Callable[[int, int, int], None] | None = None) -> int:
+               on_step: Callable[[int, int, int], None] | None = None, graphs: StepGraphs | None = None) -> int:
     """Scores documents chunk by chunk in `s.batch_docs` slots (continuous batching): every step scores
     the current chunk of each slot's document, then the documents with chunks left take one adapter
     step on the chunk just scored; a slot whose document is done takes the next one (`take(k)`: the
     next k positions into `docs`, fewer or none at the end; default: all of `docs` in order) with
     fresh adapters. Rows of one step are grouped by window width into passes of at most
     `s.micro_tokens` window tokens. `on_step(steps, documents taken, tokens scored)` after each step.
+    `graphs` (for one model and `adapters`) replays steps of repeated shapes as CUDA graphs.
     Returns the number of scored tokens."""
     take = take or _Counter(len(docs)).take
     lengths = docs[:, 1] - docs[:, 0]
@@ -362,6 +391,7 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
         width = np.minimum(s.seq_len, -(-span // s.pad_multiple) * s.pad_multiple)
         train = (hi < n) if adapters is not None else np.zeros(len(active), dtype=bool)
         order = np.argsort(-width, kind="stable")
+        inputs, backwards, scored_at = [], [], []
         g = 0
         while g < len(order):
             W = int(width[order[g]])
@@ -383,24 +413,21 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
             at = np.where(scored, at, 0)
             idx = base + at  # input positions; their targets are idx + 1
             y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
-            if adapters is not None:
-                adapters.select(_to_device(active[sel], device))
-            xt, yt, mask = _to_device(x, device), _to_device(y, device), _to_device(scored, device)
-            backward = bool(train[sel].any())
-            # compiled regions: always with grad (a pass without training skips its backward), so no
-            # separate no-grad graphs are compiled for it
-            with torch.set_grad_enabled(backward or (adapters is not None and model.regions is not None)):
-                nats = _nats(model, xt, yt, adapters.head if adapters is not None else None, autocast,
-                             _to_device(at, device))
-            meter.update(nats, _to_device(byte_counts[idx + 1], device), mask)
+            inputs += [_to_device(a, device) for a in (active[sel], x, y, at, scored, train[sel].astype(np.float32))]
+            backwards.append(bool(train[sel].any()))
+            scored_at.append((idx, scored))
             scored_tokens += int(scored.sum())
-            if token_nats is not None:
-                token_nats[idx[scored]] = nats.detach()[mask].double().cpu().numpy()
-            if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
-                weight = _to_device(train[sel].astype(np.float32), device)
-                ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
         if train.any():
-            adapters.step(active[train])
+            inputs.append(adapters.slot_mask(active[train]))
+        args = (model, adapters, autocast, tuple(backwards))
+        key = (tuple((inputs[6 * k + 1].shape, b) for k, b in enumerate(backwards)), bool(train.any()))
+        step = functools.partial(_step, *args)
+        nats_of_passes = graphs(key, step, inputs) if graphs is not None else step(*inputs)
+        for k, (nats, (idx, scored)) in enumerate(zip(nats_of_passes, scored_at)):
+            mask = inputs[6 * k + 4]
+            meter.update(nats, _to_device(byte_counts[idx + 1], device), mask)
+            if token_nats is not None:
+                token_nats[idx[scored]] = nats[mask].double().cpu().numpy()
         slot_chunk[active] += 1
         slot_doc[active[hi >= n]] = -1
         steps += 1
@@ -503,6 +530,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                 adapters.adamw = _row_adamw
                 if log:
                     log(f"ttt_compile_failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; TTT runs eager")
+        # after the warm-up: its steps would be captured with throwaway shapes
+        graphs = StepGraphs(device, s.graphs) if s.graphs > 0 and adapters is not None else None
         done = []
         for k, order in enumerate(phases):
             counter, last = _Counter(len(order), f"ttt_{call}_phase_{k}"), [time.perf_counter()]
@@ -514,7 +543,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                         f"tokens:{scored + tokens_done} elapsed:{last[0] - t0:.1f}s")
 
             scored += score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
-                                 token_nats, counter.take, progress)
+                                 token_nats, counter.take, progress, graphs)
             done.extend(order.tolist())
             if k < len(phases) - 1:
                 if adapters is not None:
@@ -529,6 +558,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                 if log:
                     log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
                         f"elapsed:{time.perf_counter() - t0:.1f}s")
+        if log and graphs is not None:
+            log(f"ttt_cuda_graphs {graphs.stats()}")
     finally:
         model.regions = None
         if adapters is not None:

@@ -1,0 +1,66 @@
+"""golf/step_graphs.py on CPU, where a "graph" re-runs the captured Python on its static inputs: when
+steps are captured and replayed, that replays compute what direct calls do, that the oldest graph
+goes first, and that the contract (read per-step data only from the inputs) is what a replay keeps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from golf.step_graphs import StepGraphs
+
+CPU = torch.device("cpu")
+
+
+def test_steps_are_captured_after_repeats_and_replay_like_direct_calls():
+    total = torch.zeros(4, 3)
+
+    def step(x, w):  # an effect that outlives the step, and an output
+        total.add_(x * w)
+        return [x.sum(0, keepdim=True) * w]
+
+    graphs = StepGraphs(CPU, capacity=2, after=2)
+    expected = torch.zeros(4, 3)
+    for i in range(6):
+        x, w = torch.full((4, 3), float(i)), torch.tensor(float(i + 1))
+        out = graphs(("shape", 4), step, [x, w])
+        expected.add_(x * w)
+        assert torch.equal(out[0], x.sum(0, keepdim=True) * w)
+    assert torch.equal(total, expected)  # every step's effect exactly once
+    # first in a row: direct; second: captured (one real run); then four replays
+    assert (graphs.captures, graphs.replays) == (1, 4)
+    assert graphs.stats() == "graphs:1 captures:1 replays:4"
+
+
+def test_least_recently_used_graph_goes_first():
+    graphs = StepGraphs(CPU, capacity=2, after=1)
+
+    def step(x):
+        return [x + 1]
+    for key in ("a", "b", "a", "c", "a", "b"):  # "c" evicts "b" (a was used after b); "b" comes back
+        assert torch.equal(graphs(key, step, [torch.ones(2)])[0], torch.full((2,), 2.0))
+    assert list(graphs.graphs) == ["a", "b"] and graphs.captures == 4 and graphs.replays == 2
+
+
+def test_only_keys_repeated_in_a_row_are_captured():
+    graphs = StepGraphs(CPU, capacity=4, after=3)
+
+    def step(x):
+        return [x * 2]
+    for key in "abababaab" + "bbbb":  # a and b alternate: no streak of 3 until the b's at the end
+        graphs(key, step, [torch.ones(1)])
+    assert list(graphs.graphs) == ["b"] and (graphs.captures, graphs.replays) == (1, 2)
+
+
+def test_a_step_reading_outside_its_inputs_is_frozen_at_capture():
+    """The contract made visible: per-step data passed outside `inputs` is what it was at capture."""
+    graphs = StepGraphs(CPU, capacity=1, after=1)
+    outs = []
+    for i in range(3):
+        scale = float(i)
+        outs.append(graphs("k", lambda x, scale=scale: [x * scale], [torch.ones(1)])[0].item())
+    assert outs == [0.0, 0.0, 0.0]  # direct calls would give 0, 1, 2
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="capacity 0"):
+        StepGraphs(CPU, capacity=0)

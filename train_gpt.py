@@ -44,7 +44,7 @@ from golf.loader import PackedLoader
 from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
 from golf.profile import profile_lines, profile_steps
 from golf.runlog import RunLog, compile_breakdown, write_summary
-from golf.ttt import TTTSettings, evaluate_ttt, phase_ends, split_documents
+from golf.ttt import TTTSettings, evaluate_ttt, phase_ends, prime as prime_ttt, split_documents
 from quant import export
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
 from quant.hessian import HessianCollector
@@ -171,6 +171,7 @@ KNOBS = (
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
     Knob("TTT_CUDA_GRAPHS", int, 0, "most TTT step shapes kept as CUDA graphs: a shape seen twice is captured, later steps replay it (0: off)"),
+    Knob("TTT_PRIME", bool, False, "compile TTT's regions before the training clock (throwaway adapters), so the final TTT's warm-up finds the caches warm"),
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~190 s cold warmup, logged apart)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),
     Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
@@ -697,6 +698,13 @@ def main(recipe: Recipe = Recipe()) -> None:
     compile_phases = compile_breakdown() if use_compile else {}
     if compile_phases:
         log("compile_phases: " + " ".join(f"{k}:{v:g}{'' if k == 'graphs' else 's'}" for k, v in compile_phases.items()))
+    if cfg.ttt_enabled and cfg.ttt_prime:
+        s = ttt_settings(cfg, 1, device)
+        if s.compile:
+            secs = prime_ttt(base_model, s, device, autocast, log)
+            log(f"ttt_prime_time:{secs:.1f}s (TTT's compile with throwaway adapters, not counted in train_time)")
+            if cuda:  # the adapters' buffers and activations go back before training
+                torch.cuda.empty_cache()
     ema = EMA(base_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     cap_ms = 1000 * max(0.0, cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds > 0 else 0.0

@@ -453,6 +453,44 @@ def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> floa
     return time.perf_counter() - t0
 
 
+def _compile(model, adapters: Adapters, s: TTTSettings, device, autocast, backend: str, log) -> float:
+    """Puts compiled regions on `model` and compiles them (warm_up); returns the seconds taken. A model
+    piece the compiler cannot take (a research knob's code path) leaves the model eager instead: better
+    than losing the evaluation after a whole training run; the log says so."""
+    model.regions, w0 = compiled_regions(backend), time.perf_counter()
+    try:
+        return warm_up(model, adapters, s, device, autocast)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        model.regions = None
+        adapters.adamw = _row_adamw
+        if log:
+            log(f"ttt_compile_failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; TTT runs eager")
+        return time.perf_counter() - w0
+
+
+def prime(model, s: TTTSettings, device, autocast=None, log: Callable[[str], None] | None = None,
+          backend: str = "inductor") -> float:
+    """Compiles TTT's regions once with throwaway adapters, so that a later evaluate_ttt of the same
+    model finds the compiler's caches (Inductor's graphs and kernels) warm and its own warm-up is
+    shorter: the trainer runs this before its training clock starts (TTT_PRIME). The model is left as
+    it was (weights, modes, no hooks or regions). Returns the seconds taken."""
+    autocast = autocast or torch.autocast(device_type=device.type, enabled=False)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    adapters = Adapters(model, s, s.batch_docs, device, backend)
+    try:
+        return _compile(model, adapters, s, device, autocast, backend, log)
+    finally:
+        model.regions = None
+        adapters.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
     """SGD over the given (already scored) documents, each cut into pieces of up to seq_len targets;
     the global batch is split over ranks and gradients are summed, so every rank keeps the same model."""
@@ -518,18 +556,9 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     compile_seconds = 0.0
     try:
         if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
-            model.regions, w0 = compiled_regions(backend), time.perf_counter()
-            try:
-                compile_seconds = warm_up(model, adapters, s, device, autocast)
-                if log:
-                    log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
-            except torch._dynamo.exc.TorchDynamoException as e:
-                # a model piece the compiler cannot take (a research knob's code path): score eagerly
-                # rather than lose the evaluation after a whole training run; the log says so
-                model.regions, compile_seconds = None, time.perf_counter() - w0
-                adapters.adamw = _row_adamw
-                if log:
-                    log(f"ttt_compile_failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; TTT runs eager")
+            compile_seconds = _compile(model, adapters, s, device, autocast, backend, log)
+            if log and model.regions is not None:
+                log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
         # after the warm-up: its steps would be captured with throwaway shapes
         graphs = StepGraphs(device, s.graphs) if s.graphs > 0 and adapters is not None else None
         done = []

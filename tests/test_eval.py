@@ -310,6 +310,26 @@ def test_ttt_steps_replayed_as_graphs_score_like_direct_steps(model, val, compil
     assert len(stats) == 1 and int(stats[0].split("replays:")[1].split()[0]) > 10, stats
 
 
+def test_prime_leaves_the_model_as_it_was_and_ttt_scores_the_same(model, val):
+    """TTT_PRIME: compiling TTT's regions ahead with throwaway adapters changes nothing a later
+    evaluation or training sees: weights, modes, requires_grad, hooks, regions; scores bit for bit."""
+    tokens, bytes_ = val
+    s = small_ttt(phase_ends=(2,), compile=True)
+    m = copy.deepcopy(model).train()
+    m.blocks[0].attn.c_q.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = [p.requires_grad for p in m.parameters()]
+    seconds = ttt.prime(m, s, CPU, backend="aot_eager")
+    assert seconds > 0 and m.training and m.regions is None
+    assert [p.requires_grad for p in m.parameters()] == flags
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert not any(mod._forward_hooks for mod in m.modules())
+    got = [np.full(len(tokens) - 1, np.nan) for _ in range(2)]
+    for out, mm in zip(got, (m.eval(), copy.deepcopy(model))):
+        ttt.evaluate_ttt(mm, tokens, bytes_, s, CPU, token_nats=out, backend="aot_eager")
+    np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_compiled_ttt_scores_like_eager(model, val):
     """TTT_COMPILE: LoRA scoring runs the layers through regions compiled with dynamic shapes (the LoRA
     hooks traced inside); phased, so the eager global pass runs between compiled batches. Same scores

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.shards import BOS_ID, load_stream
 from golf import ttt
@@ -308,6 +309,34 @@ def test_ttt_steps_replayed_as_graphs_score_like_direct_steps(model, val, compil
     assert bpb1 == bpb0
     stats = [line for line in lines if line.startswith("ttt_cuda_graphs")]
     assert len(stats) == 1 and int(stats[0].split("replays:")[1].split()[0]) > 10, stats
+
+
+class _NoHostWaits(TorchDispatchMode):
+    """Raises on every op whose result the host would have to wait for on a GPU: a tensor read as a
+    Python number or bool, or an output whose shape depends on the data."""
+    WAITS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item", "repeat_interleave")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.WAITS:
+            raise AssertionError(f"the device step waits for the device: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_device_step_never_waits_for_the_device(model, val, monkeypatch):
+    """What a CUDA graph needs of golf.ttt._step (and what keeps the GPU queue full without graphs):
+    no op in it reads device data on the host. Scoring, backward and the adapters' step all run."""
+    tokens, bytes_ = val
+    calls = []
+
+    def guarded(*args):
+        calls.append(len(args[4:]))
+        with _NoHostWaits():
+            return step(*args)
+    step = ttt._step
+    monkeypatch.setattr(ttt, "_step", guarded)
+    r = ttt.evaluate_ttt(copy.deepcopy(model), tokens, bytes_, small_ttt(), CPU)
+    assert r["tokens"] == len(tokens) - 1 and len(calls) > 10
+    assert any(n % 6 == 1 for n in calls)  # steps with the adapters' AdamW step were checked too
 
 
 def test_prime_leaves_the_model_as_it_was_and_ttt_scores_the_same(model, val):

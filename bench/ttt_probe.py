@@ -85,7 +85,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.smoke:
         os.environ.update({k: v for k, v in SMOKE.items() if k not in os.environ})
-        a.lengths, a.backend = "300x4,100x3", "aot_eager"
+        a.lengths, a.backend = "2600x1,300x4,100x3", "aot_eager"
     cfg = parse_knobs(tg.KNOBS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -152,7 +152,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         scoring = time.perf_counter() - start
-        peak = f" peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB" if device.type == "cuda" else ""
+        peak = (f" peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB"  # reserved: graphs' pools, cache
+                f" peak_reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB" if device.type == "cuda" else "")
         print(f"ttt_probe done micro_tokens:{micro} cuda_graphs:{graph_cap} tokens:{total} scoring:{scoring:.1f}s "
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
               f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.6f}{peak}"

@@ -1,0 +1,33 @@
+"""The device benchmark scripts, run small on CPU: device time is scarce, so a script must not break
+there first. Shell scripts are checked for syntax; bench/ttt_probe.py runs its CPU self-test."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_runs import ROOT, TINY, clean_env
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.sh")))
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], check=True)
+
+
+def test_ttt_probe_graphs_ab_and_profile():
+    """--graphs 0,2: the same documents scored without and with step graphs give the same bpb, and the
+    long document's chain is captured and replayed; --profile prints a phase's ms/step and its table."""
+    env = {k: v for k, v in clean_env(TTT_EVAL_SEQ_LEN="256").items() if k not in TINY}  # the probe's own smoke model
+    out = subprocess.run([sys.executable, "bench/ttt_probe.py", "--smoke", "--graphs", "0,2", "--profile", "1000x1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = re.findall(r"^ttt_probe done .* cuda_graphs:(\d+) .* bpb:([0-9.]+)(.*)$", out.stdout, re.M)
+    assert [g for g, _, _ in done] == ["0", "2"] and done[0][1] == done[1][1], done
+    captures, replays = map(int, re.search(r"captures:(\d+) replays:(\d+)", done[1][2]).groups())
+    assert captures >= 1 and replays >= 5
+    for g in (0, 2):
+        assert re.search(rf"^profile_phase docs:1x1000 cuda_graphs:{g} steps:21 .* ms_per_step:[0-9.]+", out.stdout, re.M)
+        assert re.search(rf"^profile ttt_1x1000_g{g}: wall [0-9.]+ ms/step", out.stdout, re.M)

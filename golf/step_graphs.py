@@ -19,6 +19,7 @@ contract, so tests on CPU catch a step that reads anything but its inputs.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from collections import OrderedDict
 from typing import Callable, Hashable, Sequence
@@ -39,6 +40,7 @@ class StepGraphs:
         self.last, self.streak = None, 0  # the previous step's key and how many steps in a row had it
         self.failed: str | None = None  # why capturing stopped, if it did
         self.captures = self.replays = 0
+        self.capture_seconds = 0.0  # recording only (each capture also synchronises and frees cached memory)
         if self.cuda:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(device)
@@ -70,10 +72,11 @@ class StepGraphs:
         with torch.cuda.stream(self.stream):
             out = fn(*static)
         main.wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
+        graph, t0 = torch.cuda.CUDAGraph(), time.perf_counter()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 captured = fn(*static)
+            self.capture_seconds += time.perf_counter() - t0
         except Exception as e:  # a step the graph cannot hold: every later step runs directly
             self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             warnings.warn(f"CUDA graph capture failed, steps run without graphs from now on: {self.failed}")
@@ -92,5 +95,6 @@ class StepGraphs:
         self.captures += 1
 
     def stats(self) -> str:
-        return (f"graphs:{len(self.graphs)} captures:{self.captures} replays:{self.replays}"
+        return (f"graphs:{len(self.graphs)} captures:{self.captures} replays:{self.replays} "
+                f"capture_seconds:{self.capture_seconds:.2f}"
                 + (f" failed:{self.failed}" if self.failed else ""))

@@ -28,7 +28,7 @@ def test_steps_are_captured_after_repeats_and_replay_like_direct_calls():
     assert torch.equal(total, expected)  # every step's effect exactly once
     # first in a row: direct; second: captured (one real run); then four replays
     assert (graphs.captures, graphs.replays) == (1, 4)
-    assert graphs.stats() == "graphs:1 captures:1 replays:4"
+    assert graphs.stats() == "graphs:1 captures:1 replays:4 capture_seconds:0.00"  # CPU: nothing recorded
 
 
 def test_least_recently_used_graph_goes_first():

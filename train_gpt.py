@@ -698,11 +698,12 @@ def main(recipe: Recipe = Recipe()) -> None:
     compile_phases = compile_breakdown() if use_compile else {}
     if compile_phases:
         log("compile_phases: " + " ".join(f"{k}:{v:g}{'' if k == 'graphs' else 's'}" for k, v in compile_phases.items()))
+    ttt_prime_s = None
     if cfg.ttt_enabled and cfg.ttt_prime:
         s = ttt_settings(cfg, 1, device)
         if s.compile:
-            secs = prime_ttt(base_model, s, device, autocast, log)
-            log(f"ttt_prime_time:{secs:.1f}s (TTT's compile with throwaway adapters, not counted in train_time)")
+            ttt_prime_s = prime_ttt(base_model, s, device, autocast, log)
+            log(f"ttt_prime_time:{ttt_prime_s:.1f}s (TTT's compile with throwaway adapters, not counted in train_time)")
             if cuda:  # the adapters' buffers and activations go back before training
                 torch.cuda.empty_cache()
     ema = EMA(base_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -834,7 +835,7 @@ def main(recipe: Recipe = Recipe()) -> None:
         write_summary(log_dir / f"{run_id}.json", {
             **meta, "run_id": run_id, "trainer": Path(recipe.script).name, "config": cfg.as_dict(),
             "world_size": info.world_size, "grad_accum_steps": accum, "device": str(device),
-            "attention_backend": attention, "compile": use_compile, "compile_time_s": compile_s,
+            "attention_backend": attention, "compile": use_compile, "compile_time_s": compile_s, "ttt_prime_s": ttt_prime_s,
             "compile_phases": compile_phases, "model_params": n_params, "steps": step, "stop_reason": stop_reason,
             "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
             "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,
@@ -960,7 +961,8 @@ def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device
         log(f"final_ttt_exact val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}")
         stages["ttt"] = {"val_loss": r["val_loss"], "val_bpb": r["val_bpb"], "eval_time_s": r["seconds"],
                          "compile_warmup_s": r["compile_seconds"],
-                         "tokens": r["tokens"], "phase_ends": r["phase_ends"], "peak_memory_mib": peak}
+                         "tokens": r["tokens"], "phase_ends": r["phase_ends"], "peak_memory_mib": peak,
+                         "cuda_graphs": r["cuda_graphs"]}
     return stages
 
 

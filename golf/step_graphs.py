@@ -95,6 +95,10 @@ class StepGraphs:
         self.graphs[key] = (static, replay)
         self.captures += 1
 
+    def summary(self) -> dict:
+        return {"graphs": len(self.graphs), "captures": self.captures, "replays": self.replays,
+                "capture_seconds": self.capture_seconds, "failed": self.failed}
+
     def stats(self) -> str:
         return (f"graphs:{len(self.graphs)} captures:{self.captures} replays:{self.replays} "
                 f"capture_seconds:{self.capture_seconds:.2f}"

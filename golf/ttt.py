@@ -535,7 +535,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                  log: Callable[[str], None] | None = None, backend: str = "inductor") -> dict:
     """Score-first TTT over the whole stream. `lora=False` scores without adapters (phases still run).
     The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (all of
-    it, the compile warmup of `s.compile` included), compile_seconds (that warmup), docs, phase_ends;
+    it, the compile warmup of `s.compile` included), compile_seconds (that warmup), docs, phase_ends,
+    cuda_graphs (StepGraphs.summary() with `s.graphs`, else None);
     `backend` is torch.compile's, for tests."""
     global _CALLS
     _CALLS += 1
@@ -600,4 +601,5 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     meter.all_reduce()
     loss, bpb = meter.result()
     return {"val_loss": loss, "val_bpb": bpb, "tokens": meter.tokens, "seconds": time.perf_counter() - t0,
-            "compile_seconds": compile_seconds, "docs": len(docs), "phase_ends": list(s.phase_ends)}
+            "compile_seconds": compile_seconds, "docs": len(docs), "phase_ends": list(s.phase_ends),
+            "cuda_graphs": graphs.summary() if graphs is not None else None}

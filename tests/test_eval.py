@@ -309,6 +309,7 @@ def test_ttt_steps_replayed_as_graphs_score_like_direct_steps(model, val, compil
     assert bpb1 == bpb0
     stats = [line for line in lines if line.startswith("ttt_cuda_graphs")]
     assert len(stats) == 1 and int(stats[0].split("replays:")[1].split()[0]) > 10, stats
+    assert r["cuda_graphs"]["replays"] > 10 and r["cuda_graphs"]["failed"] is None
 
 
 class _NoHostWaits(TorchDispatchMode):

@@ -31,3 +31,17 @@ def test_ttt_probe_graphs_ab_and_profile():
     for g in (0, 2):
         assert re.search(rf"^profile_phase docs:1x1000 cuda_graphs:{g} steps:21 .* ms_per_step:[0-9.]+", out.stdout, re.M)
         assert re.search(rf"^profile ttt_1x1000_g{g}: wall [0-9.]+ ms/step", out.stdout, re.M)
+
+
+def test_ttt_schedule_counts_steps_and_replays():
+    """Host-only schedule of the sample val stream: one line per graph capacity, with the default
+    phases' boundaries, and replays where a document's chain outlasts the others."""
+    out = subprocess.run([sys.executable, "bench/ttt_schedule.py", "--val",
+                          str(ROOT / "data/sample/datasets/fineweb10B_sp1024/fineweb_val_*.bin"), "--graphs", "4"],
+                         cwd=ROOT, env=clean_env(TTT_BATCH_DOCS="8"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = re.search(r"^ttt_schedule phase_ends:\[.*\] graphs:4 steps:(\d+) rows_per_step:[0-9.]+ two_row_steps:\d+ "
+                  r"captures:(\d+) replays:(\d+) replayed_frac:[0-9.]+$", out.stdout, re.M)
+    assert m, out.stdout
+    steps, captures, replays = map(int, m.groups())
+    assert steps > 0 and replays > 0 and captures >= 1

@@ -1,0 +1,88 @@
+"""TTT's schedule on a val stream, on the host alone (no model, no GPU): how many continuous-batching
+steps golf.ttt.score_docs takes per phase, how many rows they hold, and how many of them a
+TTT_CUDA_GRAPHS cache would replay (a step whose shapes repeat 3 steps in a row is captured; later
+ones replay). The device step is replaced by one that returns zero nats; the slot bookkeeping, pass
+planning and graph keys are the real ones. TTT_* and PHASED_TTT_* come from the environment.
+
+  python bench/ttt_schedule.py --val '/tmp/bench/datasets/bench_sp8192/fineweb_val_[0-9]*.bin'
+  # the SP8192 benchmark val set from the SP1024 shard, without building it (same document lengths):
+  python bench/ttt_schedule.py --val ../shared/data/fineweb/sp1024/fineweb_val_000000.bin \\
+      --retokenize ../shared/data/fineweb/tokenizers/fineweb_1024_bpe.model ../shared/data/fineweb/tokenizers/fineweb_8192_bpe.model
+
+One line per phase setting and graph capacity: `ttt_schedule phase_ends:[...] graphs:N steps:S
+rows_per_step:R two_row_steps:L captures:C replays:P replayed_frac:F`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+from data.shards import load_stream  # noqa: E402
+from golf import ttt  # noqa: E402
+from golf.bpb import BpbMeter  # noqa: E402
+from golf.config import parse_knobs  # noqa: E402
+from golf.step_graphs import StepGraphs  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def retokenized_lengths(tokens: np.ndarray, src_model: str, dst_model: str) -> list[int]:
+    """Each document's length in the other tokenizer (BOS included): decode, then encode again."""
+    import sentencepiece as spm
+    src, dst = spm.SentencePieceProcessor(model_file=src_model), spm.SentencePieceProcessor(model_file=dst_model)
+    return [1 + len(dst.encode(src.decode(tokens[a + 1 : e].tolist()))) for a, e in ttt.split_documents(tokens).tolist()]
+
+
+class _Model:
+    regions = object()  # as with TTT_COMPILE: lone rows run with a masked copy
+
+
+class _Adapters:
+    def reset(self, slots) -> None:
+        pass
+
+    def slot_mask(self, slots) -> torch.Tensor:
+        return torch.zeros(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--val", required=True, help="val stream (a shard glob)")
+    ap.add_argument("--retokenize", nargs=2, metavar=("FROM_MODEL", "TO_MODEL"),
+                    help="document lengths in another tokenizer (random tokens of those lengths are scheduled)")
+    ap.add_argument("--graphs", default="4,16", help="graph capacities to count replays for")
+    a = ap.parse_args()
+    cfg = parse_knobs(tg.KNOBS)
+    tokens = load_stream(a.val).astype(np.int64)
+    if a.retokenize:
+        rng = np.random.default_rng(0)
+        parts = [np.concatenate(([ttt.BOS_ID], rng.integers(2, 1 << 15, n - 1))) for n in retokenized_lengths(tokens, *a.retokenize)]
+        tokens = np.concatenate(parts + [[ttt.BOS_ID]]).astype(np.int64)
+    docs = ttt.split_documents(tokens)
+    lengths = docs[:, 1] - docs[:, 0]
+    print(f"ttt_schedule docs:{len(docs)} tokens:{len(tokens)} longest:{lengths.max()}", flush=True)
+
+    def step(model, adapters, autocast, backwards, *inputs):  # the device step's outputs, no work
+        rows.append(sum(inputs[6 * k + 1].shape[0] for k in range(len(backwards))))
+        return [torch.zeros(inputs[6 * k + 2].shape) for k in range(len(backwards))]
+    ttt._step = step
+    s = tg.ttt_settings(cfg, len(docs), CPU)
+    for capacity in [int(c) for c in a.graphs.split(",")]:
+        graphs, rows = StepGraphs(CPU, capacity), []
+        for order in ttt.plan(docs, s):
+            ttt.score_docs(_Model(), _Adapters(), tokens, docs[order], np.ones(len(tokens), np.int64), s,
+                           BpbMeter(CPU), CPU, None, graphs=graphs)
+        n = len(rows)
+        print(f"ttt_schedule phase_ends:{list(s.phase_ends)} graphs:{capacity} steps:{n} "
+              f"rows_per_step:{np.mean(rows):.1f} two_row_steps:{sum(r == 2 for r in rows)} captures:{graphs.captures} "
+              f"replays:{graphs.replays} replayed_frac:{graphs.replays / max(n, 1):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -419,9 +419,9 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
             scored_tokens += int(scored.sum())
         if train.any():
             inputs.append(adapters.slot_mask(active[train]))
-        args = (model, adapters, autocast, tuple(backwards))
+        # what a graph of this step fixes: the passes' shapes and which of them train; the rest is data
         key = (tuple((inputs[6 * k + 1].shape, b) for k, b in enumerate(backwards)), bool(train.any()))
-        step = functools.partial(_step, *args)
+        step = functools.partial(_step, model, adapters, autocast, tuple(backwards))
         nats_of_passes = graphs(key, step, inputs) if graphs is not None else step(*inputs)
         for k, (nats, (idx, scored)) in enumerate(zip(nats_of_passes, scored_at)):
             mask = inputs[6 * k + 4]

@@ -170,7 +170,7 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
-    Knob("TTT_CUDA_GRAPHS", int, 0, "most TTT step shapes kept as CUDA graphs: a shape seen twice is captured, later steps replay it (0: off)"),
+    Knob("TTT_CUDA_GRAPHS", int, 0, "most TTT pass shapes kept as CUDA graphs: a shape seen twice is captured, later passes replay it (0: off)"),
     Knob("TTT_PRIME", bool, False, "compile TTT's regions before the training clock (throwaway adapters), so the final TTT's warm-up finds the caches warm"),
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~190 s cold warmup, logged apart)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),

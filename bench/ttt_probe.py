@@ -16,7 +16,7 @@ Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a l
 docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
 totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
-so far). --graphs 0,4 scores everything once without CUDA graphs and once with up to 4 (an A/B in
+so far). --graphs 0,64 scores everything once without CUDA graphs and once with up to 64 (an A/B in
 one process; the bpb must agree). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
 (1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
 time per step unprofiled, then under the profiler the kernel time against the wall time per step,
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--micro-tokens", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="score the documents once per value of TTT_MICRO_BATCH_TOKENS, in one process")
     ap.add_argument("--graphs", type=lambda v: [int(x) for x in v.split(",")], default=[0],
-                    help="score once per value of TTT_CUDA_GRAPHS (0: none), e.g. 0,4: an A/B in one process")
+                    help="score once per value of TTT_CUDA_GRAPHS (0: none), e.g. 0,64: an A/B in one process")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")

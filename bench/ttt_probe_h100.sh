@@ -9,7 +9,7 @@
 # in one process; PROFILE=LENxDOCS,... adds, per entry, one phase of DOCS documents LEN tokens long:
 # its ms/step, kernel time against wall time, launches per step, kernels and host operators
 # (PROFILE=4096x1,2048x64: a long document's chain of 2-row steps, then full steps);
-# GRAPHS=0,4 scores (and profiles) once without and once with TTT_CUDA_GRAPHS=4, in one process;
+# GRAPHS=0,64 scores (and profiles) once without and once with TTT_CUDA_GRAPHS=64, in one process;
 # EAGER_CAP=0 leaves out the eager run.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -76,7 +76,7 @@ class TTTSettings:
     micro_tokens: int = 65536  # most window tokens per forward/backward; a step's rows split into passes
     seed: int = 0
     compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
-    graphs: int = 0  # most step shapes kept as CUDA graphs (golf/step_graphs.py); 0: none
+    graphs: int = 0  # most pass shapes kept as CUDA graphs (golf/step_graphs.py); 0: none
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -331,26 +331,26 @@ class _Counter:
         return np.arange(end - k, min(end, self.total), dtype=np.int64)
 
 
-def _step(model, adapters: Adapters | None, autocast, backwards: tuple[bool, ...], *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """The device work of one scoring step: per pass (slots, x, y, at, mask, weight, as score_docs
-    builds them) the nats of its scored positions, and the backward of its training rows' mean losses;
-    then, with a trailing slot mask, the adapters' AdamW step. Returns the passes' nats. Reads nothing
-    but its inputs and never waits for the GPU, so a CUDA graph can replay it (golf/step_graphs.py)."""
-    out = []
-    for k, backward in enumerate(backwards):
-        slots, x, y, at, mask, weight = inputs[6 * k : 6 * k + 6]
-        if adapters is not None:
-            adapters.select(slots)
-        # compiled regions: always with grad (a pass without training skips its backward), so no
-        # separate no-grad graphs are compiled for it
-        with torch.set_grad_enabled(backward or (adapters is not None and model.regions is not None)):
-            nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at)
-        if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
-            ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
-        out.append(nats.detach())
-    if len(inputs) > 6 * len(backwards):
-        adapters.step(inputs[-1])
-    return out
+def _pass(model, adapters: Adapters | None, autocast, backward: bool, slots, x, y, at, mask, weight) -> list[torch.Tensor]:
+    """The device work of one pass (its tensors as score_docs builds them): the nats of the scored
+    positions and, with `backward`, the backward of the training rows' mean losses into the adapters'
+    gradients. Reads nothing but its arguments and never waits for the GPU, so a CUDA graph can replay
+    it (golf/step_graphs.py)."""
+    if adapters is not None:
+        adapters.select(slots)
+    # compiled regions: always with grad (a pass without training skips its backward), so no
+    # separate no-grad graphs are compiled for it
+    with torch.set_grad_enabled(backward or (adapters is not None and model.regions is not None)):
+        nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at)
+    if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
+        ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
+    return [nats.detach()]
+
+
+def _adapter_step(adapters: Adapters, on: torch.Tensor) -> list[torch.Tensor]:
+    """The adapters' AdamW step as a replayable step (golf/step_graphs.py): no outputs."""
+    adapters.step(on)
+    return []
 
 
 def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
@@ -362,7 +362,8 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
     next k positions into `docs`, fewer or none at the end; default: all of `docs` in order) with
     fresh adapters. Rows of one step are grouped by window width into passes of at most
     `s.micro_tokens` window tokens. `on_step(steps, documents taken, tokens scored)` after each step.
-    `graphs` (for one model and `adapters`) replays steps of repeated shapes as CUDA graphs.
+    `graphs` (for one model and `adapters`) replays passes of repeated shapes, and the adapters'
+    AdamW step, as CUDA graphs.
     Returns the number of scored tokens."""
     take = take or _Counter(len(docs)).take
     lengths = docs[:, 1] - docs[:, 0]
@@ -391,7 +392,6 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
         width = np.minimum(s.seq_len, -(-span // s.pad_multiple) * s.pad_multiple)
         train = (hi < n) if adapters is not None else np.zeros(len(active), dtype=bool)
         order = np.argsort(-width, kind="stable")
-        inputs, backwards, scored_at = [], [], []
         g = 0
         while g < len(order):
             W = int(width[order[g]])
@@ -413,21 +413,18 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
             at = np.where(scored, at, 0)
             idx = base + at  # input positions; their targets are idx + 1
             y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
-            inputs += [_to_device(a, device) for a in (active[sel], x, y, at, scored, train[sel].astype(np.float32))]
-            backwards.append(bool(train[sel].any()))
-            scored_at.append((idx, scored))
+            inputs = [_to_device(a, device) for a in (active[sel], x, y, at, scored, train[sel].astype(np.float32))]
+            backward = bool(train[sel].any())
+            work = functools.partial(_pass, model, adapters, autocast, backward)
+            # a graph of a pass fixes its shapes and whether it trains; the rest is data
+            [nats] = graphs(("pass", x.shape, backward), work, inputs) if graphs is not None else work(*inputs)
+            meter.update(nats, _to_device(byte_counts[idx + 1], device), inputs[4])
             scored_tokens += int(scored.sum())
-        if train.any():
-            inputs.append(adapters.slot_mask(active[train]))
-        # what a graph of this step fixes: the passes' shapes and which of them train; the rest is data
-        key = (tuple((inputs[6 * k + 1].shape, b) for k, b in enumerate(backwards)), bool(train.any()))
-        step = functools.partial(_step, model, adapters, autocast, tuple(backwards))
-        nats_of_passes = graphs(key, step, inputs) if graphs is not None else step(*inputs)
-        for k, (nats, (idx, scored)) in enumerate(zip(nats_of_passes, scored_at)):
-            mask = inputs[6 * k + 4]
-            meter.update(nats, _to_device(byte_counts[idx + 1], device), mask)
             if token_nats is not None:
-                token_nats[idx[scored]] = nats[mask].double().cpu().numpy()
+                token_nats[idx[scored]] = nats[inputs[4]].double().cpu().numpy()
+        if train.any():
+            work, on = functools.partial(_adapter_step, adapters), adapters.slot_mask(active[train])
+            graphs(("adamw",), work, [on]) if graphs is not None else work(on)
         slot_chunk[active] += 1
         slot_doc[active[hi >= n]] = -1
         steps += 1

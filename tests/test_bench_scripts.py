@@ -40,8 +40,8 @@ def test_ttt_schedule_counts_steps_and_replays():
                           str(ROOT / "data/sample/datasets/fineweb10B_sp1024/fineweb_val_*.bin"), "--graphs", "4"],
                          cwd=ROOT, env=clean_env(TTT_BATCH_DOCS="8"), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    m = re.search(r"^ttt_schedule phase_ends:\[.*\] graphs:4 steps:(\d+) rows_per_step:[0-9.]+ two_row_steps:\d+ "
-                  r"captures:(\d+) replays:(\d+) replayed_frac:[0-9.]+$", out.stdout, re.M)
+    m = re.search(r"^ttt_schedule phase_ends:\[.*\] graphs:4 steps:(\d+) passes:\d+ shapes:\d+ rows_per_pass:[0-9.]+ "
+                  r"two_row_passes:\d+ captures:(\d+) replays:(\d+) passes_replayed:[0-9.]+$", out.stdout, re.M)
     assert m, out.stdout
     steps, captures, replays = map(int, m.groups())
     assert steps > 0 and replays > 0 and captures >= 1

@@ -329,15 +329,19 @@ def test_the_device_step_never_waits_for_the_device(model, val, monkeypatch):
     tokens, bytes_ = val
     calls = []
 
-    def guarded(*args):
-        calls.append(len(args[4:]))
-        with _NoHostWaits():
-            return step(*args)
-    step = ttt._step
-    monkeypatch.setattr(ttt, "_step", guarded)
+    def guard(name):
+        work = getattr(ttt, name)
+
+        def guarded(*args):
+            calls.append(name)
+            with _NoHostWaits():
+                return work(*args)
+        monkeypatch.setattr(ttt, name, guarded)
+    guard("_pass")
+    guard("_adapter_step")
     r = ttt.evaluate_ttt(copy.deepcopy(model), tokens, bytes_, small_ttt(), CPU)
-    assert r["tokens"] == len(tokens) - 1 and len(calls) > 10
-    assert any(n % 6 == 1 for n in calls)  # steps with the adapters' AdamW step were checked too
+    assert r["tokens"] == len(tokens) - 1
+    assert calls.count("_pass") > 10 and calls.count("_adapter_step") > 10, calls
 
 
 def test_prime_leaves_the_model_as_it_was_and_ttt_scores_the_same(model, val):

@@ -26,7 +26,7 @@ def test_steps_are_captured_after_repeats_and_replay_like_direct_calls():
         expected.add_(x * w)
         assert torch.equal(out[0], x.sum(0, keepdim=True) * w)
     assert torch.equal(total, expected)  # every step's effect exactly once
-    # first in a row: direct; second: captured (one real run); then four replays
+    # first sighting: direct; second: captured (one real run); then four replays
     assert (graphs.captures, graphs.replays) == (1, 4)
     assert graphs.stats() == "graphs:1 captures:1 replays:4 capture_seconds:0.00"  # CPU: nothing recorded
 
@@ -41,14 +41,14 @@ def test_least_recently_used_graph_goes_first():
     assert list(graphs.graphs) == ["a", "b"] and graphs.captures == 4 and graphs.replays == 2
 
 
-def test_only_keys_repeated_in_a_row_are_captured():
+def test_keys_are_captured_on_their_after_th_sighting_interleaved_or_not():
     graphs = StepGraphs(CPU, capacity=4, after=3)
 
     def step(x):
         return [x * 2]
-    for key in "abababaab" + "bbbb":  # a and b alternate: no streak of 3 until the b's at the end
+    for key in "abcababa":  # a and b are captured at their third sighting, a then replays; c never
         graphs(key, step, [torch.ones(1)])
-    assert list(graphs.graphs) == ["b"] and (graphs.captures, graphs.replays) == (1, 2)
+    assert list(graphs.graphs) == ["b", "a"] and (graphs.captures, graphs.replays) == (2, 1)
 
 
 def test_a_step_reading_outside_its_inputs_is_frozen_at_capture():

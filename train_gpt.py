@@ -700,7 +700,7 @@ def main(recipe: Recipe = Recipe()) -> None:
         log("compile_phases: " + " ".join(f"{k}:{v:g}{'' if k == 'graphs' else 's'}" for k, v in compile_phases.items()))
     ttt_prime_s = None
     if cfg.ttt_enabled and cfg.ttt_prime:
-        s = ttt_settings(cfg, 1, device)
+        s = ttt_settings(cfg, 1, device)  # the val documents' count only sets phase boundaries: no part of the compile
         if s.compile:
             ttt_prime_s = prime_ttt(base_model, s, device, autocast, log)
             log(f"ttt_prime_time:{ttt_prime_s:.1f}s (TTT's compile with throwaway adapters, not counted in train_time)")

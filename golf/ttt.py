@@ -25,6 +25,7 @@ document's scores do not depend on the other documents scored beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -331,7 +332,8 @@ class _Counter:
         return np.arange(end - k, min(end, self.total), dtype=np.int64)
 
 
-def _pass(model, adapters: Adapters | None, autocast, backward: bool, slots, x, y, at, mask, weight) -> list[torch.Tensor]:
+def _pass(model, adapters: Adapters | None, autocast, backward: bool,
+          slots, x, y, at, mask, weight) -> list[torch.Tensor]:
     """The device work of one pass (its tensors as score_docs builds them): the nats of the scored
     positions and, with `backward`, the backward of the training rows' mean losses into the adapters'
     gradients. Reads nothing but its arguments and never waits for the GPU, so a CUDA graph can replay
@@ -450,6 +452,24 @@ def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> floa
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _frozen(model):
+    """The model in evaluation mode (the looped layer order) with no trainable parameters; afterwards
+    its modes and requires_grad flags as they were, and no compiled regions."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.regions = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def _compile(model, adapters: Adapters, s: TTTSettings, device, autocast, backend: str, log) -> float:
     """Puts compiled regions on `model` and compiles them (warm_up); returns the seconds taken. A model
     piece the compiler cannot take (a research knob's code path) leaves the model eager instead: better
@@ -472,20 +492,12 @@ def prime(model, s: TTTSettings, device, autocast=None, log: Callable[[str], Non
     shorter: the trainer runs this before its training clock starts (TTT_PRIME). The model is left as
     it was (weights, modes, no hooks or regions). Returns the seconds taken."""
     autocast = autocast or torch.autocast(device_type=device.type, enabled=False)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    adapters = Adapters(model, s, s.batch_docs, device, backend)
-    try:
-        return _compile(model, adapters, s, device, autocast, backend, log)
-    finally:
-        model.regions = None
-        adapters.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with _frozen(model):
+        adapters = Adapters(model, s, s.batch_docs, device, backend)
+        try:
+            return _compile(model, adapters, s, device, autocast, backend, log)
+        finally:
+            adapters.remove()
 
 
 def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
@@ -543,58 +555,50 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     docs = split_documents(tokens)
     phases = plan(docs, s)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()  # evaluation runs the looped layer order
-    for p, _ in flags:
-        p.requires_grad_(False)
-    meter, scored = BpbMeter(device), 0
-    # compiled, the adapters' optimizer step is one fused kernel over static shapes
-    adapters = Adapters(model, s, s.batch_docs, device, backend if s.compile else None) if lora else None
-    compile_seconds = 0.0
-    try:
-        if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
-            compile_seconds = _compile(model, adapters, s, device, autocast, backend, log)
-            if log and model.regions is not None:
-                log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
-        # after the warm-up: its steps would be captured with throwaway shapes
-        graphs = StepGraphs(device, s.graphs) if s.graphs > 0 and adapters is not None else None
-        done = []
-        for k, order in enumerate(phases):
-            counter, last = _Counter(len(order), f"ttt_{call}_phase_{k}"), [time.perf_counter()]
+    with _frozen(model):
+        meter, scored = BpbMeter(device), 0
+        # compiled, the adapters' optimizer step is one fused kernel over static shapes
+        adapters = Adapters(model, s, s.batch_docs, device, backend if s.compile else None) if lora else None
+        compile_seconds = 0.0
+        try:
+            if s.compile and adapters is not None:  # after the hooks exist: the regions trace them
+                compile_seconds = _compile(model, adapters, s, device, autocast, backend, log)
+                if log and model.regions is not None:
+                    log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
+            # after the warm-up: its steps would be captured with throwaway shapes
+            graphs = StepGraphs(device, s.graphs) if s.graphs > 0 and adapters is not None else None
+            done = []
+            for k, order in enumerate(phases):
+                counter, last = _Counter(len(order), f"ttt_{call}_phase_{k}"), [time.perf_counter()]
 
-            def progress(steps, taken, tokens_done, k=k, n=len(order)):
-                if log and time.perf_counter() - last[0] >= 30:
-                    last[0] = time.perf_counter()
-                    log(f"ttt_progress phase:{k + 1}/{len(phases)} steps:{steps} docs_taken:{taken}/{n} "
-                        f"tokens:{scored + tokens_done} elapsed:{last[0] - t0:.1f}s")
+                def progress(steps, taken, tokens_done, k=k, n=len(order)):
+                    if log and time.perf_counter() - last[0] >= 30:
+                        last[0] = time.perf_counter()
+                        log(f"ttt_progress phase:{k + 1}/{len(phases)} steps:{steps} docs_taken:{taken}/{n} "
+                            f"tokens:{scored + tokens_done} elapsed:{last[0] - t0:.1f}s")
 
-            scored += score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
-                                 token_nats, counter.take, progress, graphs)
-            done.extend(order.tolist())
-            if k < len(phases) - 1:
-                if adapters is not None:
-                    adapters.enable(False)
-                # eager: the pass is one forward/backward per scored token, a small part of TTT's time,
-                # and compiled it would need its own graphs (trainable base weights, adapters off)
-                regions, model.regions = model.regions, None
-                global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
-                model.regions = regions
-                if adapters is not None:
-                    adapters.enable(True)
-                if log:
-                    log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
-                        f"elapsed:{time.perf_counter() - t0:.1f}s")
-        if log and graphs is not None:
-            log(f"ttt_cuda_graphs {graphs.stats()}")
-    finally:
-        model.regions = None
-        if adapters is not None:
-            adapters.remove()
-        model.load_state_dict(saved)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+                scored += score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
+                                     token_nats, counter.take, progress, graphs)
+                done.extend(order.tolist())
+                if k < len(phases) - 1:
+                    if adapters is not None:
+                        adapters.enable(False)
+                    # eager: the pass is one forward/backward per scored token, a small part of TTT's time,
+                    # and compiled it would need its own graphs (trainable base weights, adapters off)
+                    regions, model.regions = model.regions, None
+                    global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
+                    model.regions = regions
+                    if adapters is not None:
+                        adapters.enable(True)
+                    if log:
+                        log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
+                            f"elapsed:{time.perf_counter() - t0:.1f}s")
+            if log and graphs is not None:
+                log(f"ttt_cuda_graphs {graphs.stats()}")
+        finally:
+            if adapters is not None:
+                adapters.remove()
+            model.load_state_dict(saved)
     meter.all_reduce()
     loss, bpb = meter.result()
     return {"val_loss": loss, "val_bpb": bpb, "tokens": meter.tokens, "seconds": time.perf_counter() - t0,

@@ -43,7 +43,7 @@ class StepGraphs:
         self.seen: Counter = Counter()
         self.failed: str | None = None  # why capturing stopped, if it did
         self.captures = self.replays = 0
-        self.capture_seconds = 0.0  # recording only
+        self.capture_seconds = 0.0  # releasing the cache and recording
         if self.cuda:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(device)
@@ -80,7 +80,12 @@ class StepGraphs:
             self.stream_used = True
         # no work in flight while recording: the allocator must not query events of other streams
         torch.cuda.synchronize(self.device)
-        graph, t0 = torch.cuda.CUDAGraph(), time.perf_counter()
+        t0 = time.perf_counter()
+        # the graphs' pool cannot take memory the allocator caches for other work, and nothing can be
+        # freed while recording: without this, varying pass shapes left ~70 GB cached on an H100 and the
+        # third capture ran out of memory (docs/BENCHMARKS.md)
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(self.stream):
                 graph.capture_begin(pool=self.pool)

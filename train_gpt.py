@@ -170,8 +170,8 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
-    Knob("TTT_CUDA_GRAPHS", int, 0, "most TTT pass shapes kept as CUDA graphs: a shape seen twice is captured, later passes replay it (0: off)"),
-    Knob("TTT_PRIME", bool, False, "compile TTT's regions before the training clock (throwaway adapters), so the final TTT's warm-up finds the caches warm"),
+    Knob("TTT_CUDA_GRAPHS", int, 64, "most TTT pass shapes kept as CUDA graphs: a shape seen twice is captured, later passes replay it (CUDA only; 0: off)"),
+    Knob("TTT_PRIME", bool, True, "compile TTT's regions before the training clock (throwaway adapters; only with TTT_COMPILE on), so the final TTT's warm-up finds the caches warm"),
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~190 s cold warmup, logged apart)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),
     Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
@@ -927,7 +927,8 @@ def ttt_settings(cfg, n_docs: int, device: torch.device) -> TTTSettings:
         phase_ends=phase_ends(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, n_docs),
         global_lr=cfg.global_ttt_lr, global_momentum=cfg.global_ttt_momentum, global_epochs=cfg.global_ttt_epochs,
         global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip,
-        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed, graphs=cfg.ttt_cuda_graphs,
+        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed,
+        graphs=cfg.ttt_cuda_graphs if device.type == "cuda" else 0,  # on CPU a replay is no faster
         compile=device.type == "cuda" if cfg.ttt_compile is None else cfg.ttt_compile)
 
 

@@ -9,8 +9,10 @@
 #    TOTAL s after the start: it may be cut; its `ttt_progress ... tokens:N elapsed:S` lines (every 8
 #    batches, longest documents first) compare with the compiled run's at the same batch.
 # EAGER=0 leaves out step 2; PHASED_TTT_NUM_PHASES (default 0 here), PHASED_TTT_PREFIX_DOCS and
-# EVAL_STRIDE (default 0) pass through to the trainer, as do TTT_PRIME and TTT_CUDA_GRAPHS (e.g.
-# EAGER=0 TTT_PRIME=1 TTT_CUDA_GRAPHS=64: the final TTT's warm-up after a prime, scoring with graphs). Consoles go to OUT. The speed does not depend on how well the checkpoint is trained.
+# EVAL_STRIDE (default 0) pass through to the trainer, as do TTT_PRIME and TTT_CUDA_GRAPHS (both on
+# by default: EAGER=0 times the final TTT's warm-up after a prime, scoring with graphs; TTT_PRIME=0
+# TTT_CUDA_GRAPHS=0 times neither). Consoles go to OUT. The speed does not depend on how well the
+# checkpoint is trained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS=0

@@ -130,7 +130,7 @@ def main() -> None:
     runs = [(micro, g) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs]
     for micro, graph_cap in runs:  # shapes are dynamic: no new compiled graphs per setting
         s = dataclasses.replace(s, micro_tokens=micro)
-        step_graphs = StepGraphs(device, graph_cap) if graph_cap else None
+        step_graphs = StepGraphs(device, graph_cap, log=print) if graph_cap else None
         meter, mark = BpbMeter(device), [time.perf_counter(), 0]  # time and tokens at the last line
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

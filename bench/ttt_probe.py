@@ -82,10 +82,14 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the regions")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="attention without cuDNN's SDPA kernels (PyTorch's flash kernels instead), set before compiling")
     a = ap.parse_args()
     if a.smoke:
         os.environ.update({k: v for k, v in SMOKE.items() if k not in os.environ})
         a.lengths, a.backend = "2600x1,300x4,100x3", "aot_eager"
+    if a.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     cfg = parse_knobs(tg.KNOBS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

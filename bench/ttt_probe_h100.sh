@@ -10,7 +10,7 @@
 # its ms/step, kernel time against wall time, launches per step, kernels and host operators
 # (PROFILE=4096x1,2048x64: a long document's chain of 2-row steps, then full steps);
 # GRAPHS=0,64 scores (and profiles) once without and once with TTT_CUDA_GRAPHS=64, in one process;
-# EAGER_CAP=0 leaves out the eager run.
+# EAGER_CAP=0 leaves out the eager run; PROBE_ARGS adds flags to the compiled run (e.g. --no-cudnn-sdpa).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -27,7 +27,7 @@ if [ "${VAL:-0}" = 1 ]; then
   fi
   DOCS=(--val "$BENCH/datasets/bench_sp8192/fineweb_val_[0-9]*.bin" "${DOCS[@]:2}")
 fi
-TORCH_LOGS=recompiles timeout -k 5 "${COMPILED_CAP:-380}" "$PY" bench/ttt_probe.py --compile 1 "${DOCS[@]}" \
+TORCH_LOGS=recompiles timeout -k 5 "${COMPILED_CAP:-380}" "$PY" bench/ttt_probe.py --compile 1 ${PROBE_ARGS:-} "${DOCS[@]}" \
   --profile "$PROFILE" > "$OUT/ttt_probe_compiled.log" 2>&1
 grep -v "^V1\|^\s*- \|User stack\|return fn\|, [0-9]" "$OUT/ttt_probe_compiled.log" | tail -40
 [ "${EAGER_CAP:-150}" = 0 ] && exit 0

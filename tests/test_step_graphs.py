@@ -1,6 +1,7 @@
 """golf/step_graphs.py on CPU, where a "graph" re-runs the captured Python on its static inputs: when
 steps are captured and replayed, that replays compute what direct calls do, that the oldest graph
-goes first, and that the contract (read per-step data only from the inputs) is what a replay keeps."""
+goes first, that the contract (read per-step data only from the inputs) is what a replay keeps, and
+what is left after a capture outgrew the graphs' memory pool."""
 from __future__ import annotations
 
 import pytest
@@ -64,3 +65,22 @@ def test_a_step_reading_outside_its_inputs_is_frozen_at_capture():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="capacity 0"):
         StepGraphs(CPU, capacity=0)
+
+
+def test_a_key_that_outgrew_the_pool_drops_every_graph_and_is_never_captured_again():
+    """What StepGraphs does when a capture outgrows its pool's reservation (a GPU-only event, driven
+    here directly): all graphs go with the pool, the others are recaptured when their keys come back,
+    and the key that did not fit runs directly from then on, with the same results."""
+    graphs = StepGraphs(CPU, capacity=4, after=1)
+
+    def step(x):
+        return [x * 3]
+    for key in "ab":
+        graphs(key, step, [torch.ones(1)])
+    graphs._drop_pool("b")
+    assert not graphs.graphs and graphs.too_big == {"b"} and graphs.pool_resets == 1
+    for key in "abab":
+        assert torch.equal(graphs(key, step, [torch.ones(1)])[0], torch.full((1,), 3.0))
+    assert list(graphs.graphs) == ["a"] and (graphs.captures, graphs.replays) == (3, 1)
+    assert graphs.stats().endswith("pool_resets:1 uncaptured_keys:1")
+    assert graphs.summary()["uncaptured_keys"] == 1

@@ -16,7 +16,8 @@ by capture instead, each wider pass found every freed block too small and added 
 on an H100, six captures of growing width reserved 41 GB for graphs that kept 64 MB, and the next
 ordinary pass ran out of memory. A capture that outgrows the reservation (or runs out of memory) is
 not kept: the pool is released and reserved afresh (the other graphs are recaptured as their keys come
-back), and that key runs uncaptured from then on.
+back), and that key runs uncaptured from then on. On a device with less than 70 GiB nothing is
+captured: ordinary passes of the default TTT settings alone peak near 30 GB.
 
 Every piece runs for real on the capture stream just before it is recorded (recording launches
 nothing, so its effects happen once): what libraries allocate per stream on first use (cuBLAS keeps a
@@ -40,6 +41,7 @@ import torch
 
 Piece = Callable[..., list[torch.Tensor]]
 POOL_SLACK = 2**29  # bytes a pool may grow beyond its reservation: the small blocks of graphs' outputs
+MIN_DEVICE_BYTES = 70 * 2**30  # below this, the reservation would leave too little for ordinary passes
 
 
 class StepGraphs:
@@ -58,7 +60,10 @@ class StepGraphs:
         self.capture_seconds = 0.0  # reserving the pool and recording
         self.log = log  # a line per capture: its key, seconds and memory
         if self.cuda:
-            self.pool_bytes = int(pool_fraction * torch.cuda.get_device_properties(device).total_memory)
+            total = torch.cuda.get_device_properties(device).total_memory
+            self.pool_bytes = int(pool_fraction * total)
+            if total < MIN_DEVICE_BYTES:  # TTT's ordinary passes alone peak near 30 GB on an H100
+                self.failed = f"{total / 2**30:.0f} GiB of device memory, graphs need {MIN_DEVICE_BYTES / 2**30:.0f}"
             self.pool = self.reservation = None  # both made at the first capture
             self.grown = 0  # bytes the pool took beyond its reservation
             self.stream = torch.cuda.Stream(device)

@@ -21,11 +21,17 @@ one process; the bpb must agree). With --profile LENxDOCS,..., for each entry on
 (1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
 time per step unprofiled, then under the profiler the kernel time against the wall time per step,
 kernel launches per step, and the largest kernels and host operators (golf/profile.py).
+--cold-docs N first scores the first N documents once under Python's profiler, before anything else
+has run them: what a run pays on first sightings of shapes (the cold first run on an H100 was ~8 s
+slower than a warm one) shows as the largest functions by cumulative and by own time.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import io
+import pstats
 import os
 import sys
 import time
@@ -67,6 +73,24 @@ def graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def cold_profile(model, adapters, tokens, docs, byte_counts, s, device, autocast, step_graphs) -> None:
+    """Scores `docs` once under cProfile; prints the wall time and the largest functions."""
+    prof, t = cProfile.Profile(), time.perf_counter()
+    prof.enable()
+    n = ttt.score_docs(model, adapters, tokens, docs, byte_counts, s, BpbMeter(device), device, autocast,
+                       graphs=step_graphs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    print(f"cold_profile docs:{len(docs)} tokens:{n} wall:{time.perf_counter() - t:.1f}s (under cProfile)", flush=True)
+    for key in ("cumulative", "tottime"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(30)
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                print(f"cold_profile {key} {line}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile", type=int, default=0, help="1: TTT_COMPILE's regions; 0: eager")
@@ -82,6 +106,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (aot_eager backend)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the regions")
+    ap.add_argument("--cold-docs", type=int, default=0,
+                    help="first score this many documents once under cProfile (cold: first sightings of shapes)")
     ap.add_argument("--no-cudnn-sdpa", action="store_true",
                     help="attention without cuDNN's SDPA kernels (PyTorch's flash kernels instead), set before compiling")
     a = ap.parse_args()
@@ -131,6 +157,9 @@ def main() -> None:
           f"slots:{s.batch_docs} rank:{s.lora_rank} "
           f"params:{sum(p.numel() for p in model.parameters())}", flush=True)
     taken_lengths = np.concatenate(([0], np.cumsum(lengths)))
+    if a.cold_docs:
+        cold_profile(model, adapters, tokens, docs[order[: a.cold_docs]], byte_counts, s, device, autocast,
+                     StepGraphs(device, a.graphs[0]) if a.graphs[0] else None)
     runs = [(micro, g) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs]
     for micro, graph_cap in runs:  # shapes are dynamic: no new compiled graphs per setting
         s = dataclasses.replace(s, micro_tokens=micro)

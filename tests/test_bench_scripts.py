@@ -19,15 +19,19 @@ def test_shell_scripts_parse(script):
 
 def test_ttt_probe_graphs_ab_and_profile():
     """--graphs 0,2: the same documents scored without and with step graphs give the same bpb, and the
-    long document's chain is captured and replayed; --profile prints a phase's ms/step and its table."""
+    long document's chain is captured and replayed; --profile prints a phase's ms/step and its table;
+    --cold-docs prints the cold first documents' largest functions."""
     env = {k: v for k, v in clean_env(TTT_EVAL_SEQ_LEN="256").items() if k not in TINY}  # the probe's own smoke model
-    out = subprocess.run([sys.executable, "bench/ttt_probe.py", "--smoke", "--graphs", "0,2", "--profile", "1000x1"],
+    out = subprocess.run([sys.executable, "bench/ttt_probe.py", "--smoke", "--graphs", "0,2", "--profile", "1000x1",
+                          "--cold-docs", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     done = re.findall(r"^ttt_probe done .* cuda_graphs:(\d+) .* bpb:([0-9.]+)(.*)$", out.stdout, re.M)
     assert [g for g, _, _ in done] == ["0", "2"] and done[0][1] == done[1][1], done
     captures, replays = map(int, re.search(r"captures:(\d+) replays:(\d+)", done[1][2]).groups())
     assert captures >= 1 and replays >= 5
+    assert re.search(r"^cold_profile docs:2 tokens:\d+ wall:[0-9.]+s", out.stdout, re.M)
+    assert re.search(r"^cold_profile cumulative .*score_docs", out.stdout, re.M)
     for g in (0, 2):
         assert re.search(rf"^profile_phase docs:1x1000 cuda_graphs:{g} steps:21 .* ms_per_step:[0-9.]+", out.stdout, re.M)
         assert re.search(rf"^profile ttt_1x1000_g{g}: wall [0-9.]+ ms/step", out.stdout, re.M)

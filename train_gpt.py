@@ -172,7 +172,7 @@ KNOBS = (
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
     Knob("TTT_CUDA_GRAPHS", int, 64, "most TTT pass shapes kept as CUDA graphs: a shape seen twice is captured, later passes replay it (CUDA only; 0: off)"),
     Knob("TTT_PRIME", bool, True, "compile TTT's regions before the training clock (throwaway adapters; only with TTT_COMPILE on), so the final TTT's warm-up finds the caches warm"),
-    Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; ~190 s cold warmup, logged apart)"),
+    Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; warm-up logged apart: ~190 s cold, ~17 s after TTT_PRIME)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),
     Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
     Knob("FUSED_MLP", bool, False, "Triton fused fc + LeakyReLU^2 on CUDA in training (kernels/leaky_mlp.py; off: no clear gain yet)"),

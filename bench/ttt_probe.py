@@ -31,8 +31,8 @@ import argparse
 import cProfile
 import dataclasses
 import io
-import pstats
 import os
+import pstats
 import sys
 import time
 from pathlib import Path

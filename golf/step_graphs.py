@@ -96,10 +96,16 @@ class StepGraphs:
         # no work in flight while recording: the allocator must not query events of other streams
         torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
+        if self.reservation is None:
+            try:
+                self._reserve()
+            except torch.OutOfMemoryError:  # no room for graphs at all: every later piece runs directly
+                self.pool = self.reservation = None
+                self.failed = f"no room for the graphs' pool of {self.pool_bytes >> 20} MiB"
+                torch.cuda.empty_cache()
+                return out
         graph = torch.cuda.CUDAGraph()
         try:
-            if self.reservation is None:
-                self._reserve()
             before = torch.cuda.memory_reserved(self.device)
             with torch.cuda.stream(self.stream):
                 graph.capture_begin(pool=self.pool)

@@ -123,10 +123,11 @@ class StepGraphs:
             return out
         seconds = time.perf_counter() - t0
         self.capture_seconds += seconds
-        self.grown += torch.cuda.memory_reserved(self.device) - before  # nothing is freed while recording
+        reserved = torch.cuda.memory_reserved(self.device)
+        self.grown += reserved - before  # nothing is freed while recording
         if self.log is not None:
             self.log(f"graph_capture key:{key} seconds:{seconds:.3f} pool_grown:{self.grown >> 20}MiB "
-                     f"reserved:{torch.cuda.memory_reserved(self.device) >> 20}MiB "
+                     f"reserved:{reserved >> 20}MiB "
                      f"allocated:{torch.cuda.memory_allocated(self.device) >> 20}MiB")
         if self.grown > POOL_SLACK:
             del graph, captured

@@ -36,7 +36,7 @@ import kernels
 from golf import dist
 from kernels.leaky_mlp import leaky_relu_sq_linear
 from kernels.softcap_ce import softcap_cross_entropy
-from golf.attention import attend, backend_name, doc_boundaries
+from golf.attention import attend, backend_name, doc_boundaries, flex_options, parse_flex_options, set_flex_options
 from golf.bpb import ByteCounter, load_byte_sidecar
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
 from golf.evaluate import evaluate_stream, target_bytes
@@ -97,6 +97,8 @@ KNOBS = (
     Knob("SMEAR_GATE_ENABLED", bool, True, "add a gated copy of the previous token's embedding (never across BOS)"),
     Knob("SMEAR_WIDTH", int, 12, "embedding channels feeding the smear gate"),
     Knob("DOC_ISOLATION", bool, True, "attention never crosses a BOS document boundary (training and evaluation)"),
+    Knob("FLEX_KERNEL_OPTIONS", str, "tuned", "FlexAttention block sizes: tuned (measured per GPU, golf/attention.py), "
+         "torch (its own choice) or name=value,... e.g. fwd_BLOCK_M=128,bwd_num_warps=4"),
     # batch and budget
     Knob("TRAIN_SEQ_LEN", int, 2048, "training sequence length"),
     Knob("TRAIN_BATCH_TOKENS", int, 786_432, "tokens per optimizer step, over all ranks and micro-steps"),
@@ -592,6 +594,10 @@ def main(recipe: Recipe = Recipe()) -> None:
     cfg = parse_knobs(recipe.knobs)
     if recipe.resolve is not None:
         cfg = recipe.resolve(cfg)
+    try:
+        set_flex_options(parse_flex_options(cfg.flex_kernel_options))
+    except ValueError as e:
+        raise KnobError(str(e)) from None
     info = dist.setup()
     device, cuda = info.device, info.device.type == "cuda"
     accum = grad_accum_steps(cfg, info.world_size)
@@ -607,6 +613,8 @@ def main(recipe: Recipe = Recipe()) -> None:
         f"compile:{use_compile and cfg.compile_mode} attention:{attention}")
     if cuda and not attention.startswith("flash_attention_3"):
         log("attention: FlashAttention 3 not importable; using " + attention)
+    if attention.startswith("flex"):
+        log(f"attention: flex kernel_options {flex_options(device) or 'torch default'} (FLEX_KERNEL_OPTIONS={cfg.flex_kernel_options})")
 
     # data and tokenizer
     data = Path(cfg.data_path)

@@ -46,6 +46,54 @@ else:
     _FLEX_CUDA = None
 
 
+# FlexAttention kernel options (`kernel_options`), measured on one H100 at the trainer's shape (48 rows
+# of 2048 tokens, 8/4 heads of dim 64, bf16, real document boundaries; bench/flex_tune.py and
+# docs/BENCHMARKS.md): torch 2.11 picks 128x128 blocks with 8 warps for the forward, and 128x64 with 4
+# warps runs it in 0.50 ms instead of 0.65. They apply on GPUs of that compute capability only; other
+# GPUs keep torch's choice. `set_flex_options` replaces them (the trainer's FLEX_KERNEL_OPTIONS).
+TUNED_FLEX = {(9, 0): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4}}
+_flex_options: dict | None = None  # None: TUNED_FLEX for the device's capability
+FLEX_OPTION_NAMES = {f"{p}{k}" for p in ("fwd_", "bwd_") for k in ("BLOCK_M", "BLOCK_N", "num_stages", "num_warps")} | {
+    f"bwd_{k}" for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} | {"USE_TMA", "WRITE_DQ"}
+
+
+def parse_flex_options(text: str) -> dict | None:
+    """'fwd_BLOCK_M=128,bwd_num_warps=4' -> {name: int or bool}; 'tuned' -> None (TUNED_FLEX); 'torch' ->
+    {} (torch's own choice). Raises ValueError naming what is wrong."""
+    text = text.strip()
+    if text == "tuned":
+        return None
+    if text in ("torch", ""):
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        if not eq or name not in FLEX_OPTION_NAMES:
+            raise ValueError(f"FLEX_KERNEL_OPTIONS: {item.strip()!r} is not name=value with a name from "
+                             f"{', '.join(sorted(FLEX_OPTION_NAMES))} (or the whole value 'tuned' or 'torch')")
+        if value in ("true", "false", "True", "False"):
+            out[name] = value.lower() == "true"
+        elif value.isdigit():
+            out[name] = int(value)
+        else:
+            raise ValueError(f"FLEX_KERNEL_OPTIONS: {name}={value!r}: expected an integer or true/false")
+    return out
+
+
+def set_flex_options(options: dict | None) -> None:
+    """Kernel options every later FlexAttention call passes (None: TUNED_FLEX for the GPU)."""
+    global _flex_options
+    _flex_options = options
+
+
+def flex_options(device: torch.device) -> dict | None:
+    """What flex_attention gets as kernel_options on `device` (None: torch's own choice)."""
+    if device.type != "cuda":
+        return None
+    options = TUNED_FLEX.get(torch.cuda.get_device_capability(device), {}) if _flex_options is None else _flex_options
+    return dict(options) or None
+
+
 def _flex_fns(device: torch.device):
     """(create_block_mask, flex_attention) for `device`."""
     return _FLEX_CUDA if device.type == "cuda" else (create_block_mask, flex_attention)
@@ -173,7 +221,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: DocInfo) -> 
     # FlexAttention and SDPA take [B, H, T, D]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if info.backend == "flex":
-        out = _flex_fns(q.device)[1](qt, kt, vt, block_mask=info.mask, enable_gqa=gqa)
+        out = _flex_fns(q.device)[1](qt, kt, vt, block_mask=info.mask, enable_gqa=gqa,
+                                      kernel_options=flex_options(q.device))
     elif info.mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     else:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from golf.attention import (BOS_ID, attend, available_backends, backend_name, cu_seqlens_from_starts,
-                            default_backend, doc_boundaries, segment_ids_from_starts, segment_starts)
+                            default_backend, doc_boundaries, flex_options, parse_flex_options,
+                            segment_ids_from_starts, segment_starts, set_flex_options)
 
 # CPU backends under test; flex forward only
 BACKENDS = ["sdpa", "flex"]
@@ -193,6 +194,31 @@ def test_errors_name_what_was_expected():
     ids, q, k, v = _random_batch()
     with pytest.raises(ValueError, match="built for a batch"):
         attend(q, k, v, doc_boundaries(ids[:, :32]))
+
+
+def test_flex_kernel_options_parse_and_apply(monkeypatch):
+    """FLEX_KERNEL_OPTIONS: 'tuned' (the measured table, by compute capability), 'torch' or name=value
+    pairs; a misspelt name or a bad value is an error naming the knob; CPU never gets options."""
+    assert parse_flex_options("tuned") is None and parse_flex_options("torch") == {}
+    assert parse_flex_options("fwd_BLOCK_M=64, bwd_num_warps=4,USE_TMA=true") == {
+        "fwd_BLOCK_M": 64, "bwd_num_warps": 4, "USE_TMA": True}
+    with pytest.raises(ValueError, match="FLEX_KERNEL_OPTIONS: 'fwd_BLOCKM=64' is not name=value"):
+        parse_flex_options("fwd_BLOCKM=64")
+    with pytest.raises(ValueError, match="fwd_BLOCK_M='big': expected an integer"):
+        parse_flex_options("fwd_BLOCK_M=big")
+    assert flex_options(torch.device("cpu")) is None
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    try:
+        assert flex_options(cuda)["fwd_BLOCK_N"] == 64  # the H100 table
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert flex_options(cuda) is None  # not measured there: torch's choice
+        set_flex_options({"bwd_num_warps": 4})
+        assert flex_options(cuda) == {"bwd_num_warps": 4}
+        set_flex_options({})
+        assert flex_options(cuda) is None
+    finally:
+        set_flex_options(None)
 
 
 def test_traces_as_one_graph():

@@ -614,7 +614,7 @@ def main(recipe: Recipe = Recipe()) -> None:
     if cuda and not attention.startswith("flash_attention_3"):
         log("attention: FlashAttention 3 not importable; using " + attention)
     if attention.startswith("flex"):
-        log(f"attention: flex kernel_options {flex_options(device) or 'torch default'} (FLEX_KERNEL_OPTIONS={cfg.flex_kernel_options})")
+        log(f"attention: flex kernel_options {flex_options(device, cfg.model_dim // cfg.num_heads) or 'torch default'} (FLEX_KERNEL_OPTIONS={cfg.flex_kernel_options})")
 
     # data and tokenizer
     data = Path(cfg.data_path)

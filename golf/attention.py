@@ -48,10 +48,13 @@ else:
 
 # FlexAttention kernel options (`kernel_options`), measured on one H100 at the trainer's shape (48 rows
 # of 2048 tokens, 8/4 heads of dim 64, bf16, real document boundaries; bench/flex_tune.py and
-# docs/BENCHMARKS.md): torch 2.11 picks 128x128 blocks with 8 warps for the forward, and 128x64 with 4
-# warps runs it in 0.50 ms instead of 0.65. They apply on GPUs of that compute capability only; other
-# GPUs keep torch's choice. `set_flex_options` replaces them (the trainer's FLEX_KERNEL_OPTIONS).
-TUNED_FLEX = {(9, 0): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4}}
+# docs/BENCHMARKS.md). torch 2.11's own choice (forward 128x128 blocks, 8 warps) took 0.65 + 1.84 ms
+# per call forward + backward; these take 0.50 + 1.68 ms, and the full-batch step 781 / 1,191 ms
+# instead of 803 / 1,221 (same machine). They apply on GPUs of that compute capability only; others
+# keep torch's choice, as do other head dims. `set_flex_options` replaces them (FLEX_KERNEL_OPTIONS).
+TUNED_FLEX = {((9, 0), 64): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+                       "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
+                       "bwd_num_stages": 3, "bwd_num_warps": 4}}
 _flex_options: dict | None = None  # None: TUNED_FLEX for the device's capability
 FLEX_OPTION_NAMES = {f"{p}{k}" for p in ("fwd_", "bwd_") for k in ("BLOCK_M", "BLOCK_N", "num_stages", "num_warps")} | {
     f"bwd_{k}" for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} | {"USE_TMA", "WRITE_DQ"}
@@ -81,16 +84,17 @@ def parse_flex_options(text: str) -> dict | None:
 
 
 def set_flex_options(options: dict | None) -> None:
-    """Kernel options every later FlexAttention call passes (None: TUNED_FLEX for the GPU)."""
+    """Kernel options every later FlexAttention call passes (None: TUNED_FLEX for the GPU and head dim)."""
     global _flex_options
     _flex_options = options
 
 
-def flex_options(device: torch.device) -> dict | None:
+def flex_options(device: torch.device, head_dim: int = 64) -> dict | None:
     """What flex_attention gets as kernel_options on `device` (None: torch's own choice)."""
     if device.type != "cuda":
         return None
-    options = TUNED_FLEX.get(torch.cuda.get_device_capability(device), {}) if _flex_options is None else _flex_options
+    options = (TUNED_FLEX.get((torch.cuda.get_device_capability(device), head_dim), {}) if _flex_options is None
+               else _flex_options)
     return dict(options) or None
 
 
@@ -222,7 +226,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: DocInfo) -> 
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if info.backend == "flex":
         out = _flex_fns(q.device)[1](qt, kt, vt, block_mask=info.mask, enable_gqa=gqa,
-                                      kernel_options=flex_options(q.device))
+                                      kernel_options=flex_options(q.device, D))
     elif info.mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     else:

@@ -210,7 +210,8 @@ def test_flex_kernel_options_parse_and_apply(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     try:
-        assert flex_options(cuda)["fwd_BLOCK_N"] == 64  # the H100 table
+        assert flex_options(cuda)["fwd_BLOCK_N"] == 64  # the H100 table, head dim 64
+        assert flex_options(cuda, head_dim=128) is None
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         assert flex_options(cuda) is None  # not measured there: torch's choice
         set_flex_options({"bwd_num_warps": 4})

@@ -29,7 +29,6 @@ import contextlib
 import functools
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,9 +44,6 @@ from golf.evaluate import rank_range
 from golf.step_graphs import StepGraphs
 
 BOS_ID = 1
-# the adapters' gradients are strided views into one flat buffer (accumulated in place, as intended);
-# autograd warns that such a layout may be slower for DDP-style bucketing, which TTT does not do
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 # LoRA target name -> attribute path inside a block; "head" is the tied LM head (GPT.logits' head_delta)
 BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 TARGETS = tuple(BLOCK_TARGETS) + ("head",)
@@ -125,17 +121,37 @@ def plan(docs: np.ndarray, s: TTTSettings) -> list[np.ndarray]:
 
 class BatchedLoRA(nn.Module):
     """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot. A [S, in, r] and B [S, r, out] are
-    views into the flat buffers of `Adapters` (so are their gradients), which reset and step them."""
+    views into the flat buffers of `Adapters` (gA, gB into its gradients), which reset and step them.
+    A pass trains copies of its rows (`load`): leaves whose gradients `store` adds into gA, gB at
+    those rows, which moves only the pass's rows (autograd through A[rows] would build a gradient of
+    all S slots, zeros included, and add it into the strided views of G)."""
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, scale: float):
         super().__init__()
-        self.A, self.B = nn.Parameter(A), nn.Parameter(B)  # share the views' storage
+        self.A, self.B, self.gA, self.gB = A, B, gA, gB
         self.scale = scale
         self.active = True  # off during the global pass, which trains the base model alone
         self.rows: torch.Tensor | None = None  # the slots of the rows in the current pass
+        self.a: torch.Tensor | None = None  # A[rows], B[rows] of the current pass
+        self.b: torch.Tensor | None = None
+
+    def load(self, rows: torch.Tensor | None, grad: bool) -> None:
+        self.rows = rows
+        self.a = self.b = None
+        if rows is not None:
+            self.a, self.b = self.A[rows].requires_grad_(grad), self.B[rows].requires_grad_(grad)
+
+    def store(self) -> None:
+        """Adds the current pass's gradients into the slots' rows of gA, gB (a slot listed twice adds
+        both of its rows' gradients, as autograd would)."""
+        with torch.no_grad():
+            for leaf, G in ((self.a, self.gA), (self.b, self.gB)):
+                if leaf is not None and leaf.grad is not None:
+                    G.index_add_(0, self.rows, leaf.grad)
+                    leaf.grad = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
+        A, B = (self.A, self.B) if self.a is None else (self.a, self.b)
         return (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
 
 
@@ -171,8 +187,7 @@ class Adapters:
                 views.append((self.P[:, off : off + rows * cols].view(slots, rows, cols),
                               self.G[:, off : off + rows * cols].view(slots, rows, cols)))
                 off += rows * cols
-            lora = BatchedLoRA(views[0][0], views[1][0], s.lora_alpha / r)
-            lora.A.grad, lora.B.grad = views[0][1], views[1][1]  # backward accumulates into G
+            lora = BatchedLoRA(views[0][0], views[1][0], views[0][1], views[1][1], s.lora_alpha / r)
             self.loras.append(lora)
             if module is None:
                 self.head = lora
@@ -212,9 +227,15 @@ class Adapters:
                            self.V[:, part], self.t[:, None], on, s.lr, s.beta1, s.beta2, s.weight_decay)
             self.G.zero_()
 
-    def select(self, rows: torch.Tensor | None) -> None:
+    def select(self, rows: torch.Tensor | None, grad: bool = False) -> None:
+        """The slots of the next pass's rows (None: all slots, in order), trained if `grad`."""
         for lora in self.loras:
-            lora.rows = rows
+            lora.load(rows, grad)
+
+    def store_grads(self) -> None:
+        """After a pass's backward: its gradients into G at its slots."""
+        for lora in self.loras:
+            lora.store()
 
     def enable(self, on: bool) -> None:
         for lora in self.loras:
@@ -338,14 +359,18 @@ def _pass(model, adapters: Adapters | None, autocast, backward: bool,
     positions and, with `backward`, the backward of the training rows' mean losses into the adapters'
     gradients. Reads nothing but its arguments and never waits for the GPU, so a CUDA graph can replay
     it (golf/step_graphs.py)."""
-    if adapters is not None:
-        adapters.select(slots)
     # compiled regions: always with grad (a pass without training skips its backward), so no
     # separate no-grad graphs are compiled for it
-    with torch.set_grad_enabled(backward or (adapters is not None and model.regions is not None)):
+    grad = backward or (adapters is not None and model.regions is not None)
+    if adapters is not None:
+        adapters.select(slots, grad)
+    with torch.set_grad_enabled(grad):
         nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at)
     if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
         ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
+        adapters.store_grads()
+    if adapters is not None:
+        adapters.select(None)  # the pass's copies are not kept alive
     return [nats.detach()]
 
 

@@ -51,7 +51,8 @@ else:
 # docs/BENCHMARKS.md). torch 2.11's own choice (forward 128x128 blocks, 8 warps) took 0.65 + 1.84 ms
 # per call forward + backward; these take 0.50 + 1.68 ms, and the full-batch step 781 / 1,191 ms
 # instead of 803 / 1,221 (same machine). They apply on GPUs of that compute capability only; others
-# keep torch's choice, as do other head dims. `set_flex_options` replaces them (FLEX_KERNEL_OPTIONS).
+# keep torch's choice, as do other head dims and the research variants (golf/v2_attention.py: not
+# measured). `set_flex_options` replaces them (FLEX_KERNEL_OPTIONS).
 TUNED_FLEX = {((9, 0), 64): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
                        "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
                        "bwd_num_stages": 3, "bwd_num_warps": 4}}

@@ -54,16 +54,16 @@ else:
 # keep torch's choice, as do other head dims and the research variants (golf/v2_attention.py: not
 # measured). `set_flex_options` replaces them (FLEX_KERNEL_OPTIONS).
 TUNED_FLEX = {((9, 0), 64): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
-                       "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
-                       "bwd_num_stages": 3, "bwd_num_warps": 4}}
-_flex_options: dict | None = None  # None: TUNED_FLEX for the device's capability
+                             "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
+                             "bwd_num_stages": 3, "bwd_num_warps": 4}}
+_flex_options: dict | None = None  # None: TUNED_FLEX for the device's capability and head dim
 FLEX_OPTION_NAMES = {f"{p}{k}" for p in ("fwd_", "bwd_") for k in ("BLOCK_M", "BLOCK_N", "num_stages", "num_warps")} | {
     f"bwd_{k}" for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} | {"USE_TMA", "WRITE_DQ"}
 
 
 def parse_flex_options(text: str) -> dict | None:
-    """'fwd_BLOCK_M=128,bwd_num_warps=4' -> {name: int or bool}; 'tuned' -> None (TUNED_FLEX); 'torch' ->
-    {} (torch's own choice). Raises ValueError naming what is wrong."""
+    """'fwd_BLOCK_M=128,bwd_num_warps=4' -> {name: int or bool}; 'tuned' -> None (TUNED_FLEX); 'torch' or
+    empty -> {} (torch's own choice). Raises ValueError naming what is wrong."""
     text = text.strip()
     if text == "tuned":
         return None

@@ -75,9 +75,15 @@ def test_short_validation_stream_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "shorter than TRAIN_SEQ_LEN=1048576" in out.stderr
 
 
+def test_misspelt_flex_kernel_option_is_a_clear_error(tmp_path):
+    out = run_trainer(tmp_path, check=False, FLEX_KERNEL_OPTIONS="fwd_BLOCKM=64", ITERATIONS="1")
+    assert out.returncode != 0 and "FLEX_KERNEL_OPTIONS: 'fwd_BLOCKM=64' is not name=value" in out.stderr
+
+
 def test_research_trainer_runs_the_same_stack(tmp_path):
     run_trainer(tmp_path, script="train_gpt_v2.py", ITERATIONS="2", VAL_LOSS_EVERY="0")
     assert summary(tmp_path)["steps"] == 2
+    assert summary(tmp_path)["flex_kernel_options"] is None  # CPU: SDPA, no FlexAttention options
 
 
 def test_byte_sidecar_is_used_and_agrees_with_tokenizer_bytes(tmp_path):

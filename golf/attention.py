@@ -18,6 +18,7 @@ Everything has static shapes under torch.compile(fullgraph=True); only eager FA3
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,10 @@ def parse_flex_options(text: str) -> dict | None:
     for item in text.split(","):
         name, eq, value = item.strip().partition("=")
         if not eq or name not in FLEX_OPTION_NAMES:
+            close = difflib.get_close_matches(name, sorted(FLEX_OPTION_NAMES), n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"FLEX_KERNEL_OPTIONS: {item.strip()!r} is not name=value with a name from "
-                             f"{', '.join(sorted(FLEX_OPTION_NAMES))} (or the whole value 'tuned' or 'torch')")
+                             f"{', '.join(sorted(FLEX_OPTION_NAMES))} (or the whole value 'tuned' or 'torch'){hint}")
         if value in ("true", "false", "True", "False"):
             out[name] = value.lower() == "true"
         elif value.isdigit():

@@ -202,7 +202,7 @@ def test_flex_kernel_options_parse_and_apply(monkeypatch):
     assert parse_flex_options("tuned") is None and parse_flex_options("torch") == {}
     assert parse_flex_options("fwd_BLOCK_M=64, bwd_num_warps=4,USE_TMA=true") == {
         "fwd_BLOCK_M": 64, "bwd_num_warps": 4, "USE_TMA": True}
-    with pytest.raises(ValueError, match="FLEX_KERNEL_OPTIONS: 'fwd_BLOCKM=64' is not name=value"):
+    with pytest.raises(ValueError, match="FLEX_KERNEL_OPTIONS: 'fwd_BLOCKM=64' is not name=value.*did you mean fwd_BLOCK_M"):
         parse_flex_options("fwd_BLOCKM=64")
     with pytest.raises(ValueError, match="fwd_BLOCK_M='big': expected an integer"):
         parse_flex_options("fwd_BLOCK_M=big")

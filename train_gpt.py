@@ -613,8 +613,9 @@ def main(recipe: Recipe = Recipe()) -> None:
         f"compile:{use_compile and cfg.compile_mode} attention:{attention}")
     if cuda and not attention.startswith("flash_attention_3"):
         log("attention: FlashAttention 3 not importable; using " + attention)
-    flex_kernel = flex_options(device, cfg.model_dim // cfg.num_heads) if attention.startswith("flex") else None
+    flex_kernel = None  # the FlexAttention kernel options in use (None: torch's choice, or no FlexAttention)
     if attention.startswith("flex"):
+        flex_kernel = flex_options(device, cfg.model_dim // cfg.num_heads)
         log(f"attention: flex kernel_options {flex_kernel or 'torch default'} (FLEX_KERNEL_OPTIONS={cfg.flex_kernel_options})")
 
     # data and tokenizer
@@ -844,7 +845,8 @@ def main(recipe: Recipe = Recipe()) -> None:
         write_summary(log_dir / f"{run_id}.json", {
             **meta, "run_id": run_id, "trainer": Path(recipe.script).name, "config": cfg.as_dict(),
             "world_size": info.world_size, "grad_accum_steps": accum, "device": str(device),
-            "attention_backend": attention, "flex_kernel_options": flex_kernel, "compile": use_compile, "compile_time_s": compile_s, "ttt_prime_s": ttt_prime_s,
+            "attention_backend": attention, "flex_kernel_options": flex_kernel,
+            "compile": use_compile, "compile_time_s": compile_s, "ttt_prime_s": ttt_prime_s,
             "compile_phases": compile_phases, "model_params": n_params, "steps": step, "stop_reason": stop_reason,
             "train_time_ms": train_ms_total, "step_avg_ms": train_ms_total / max(step, 1),
             "tokens_per_s": cfg.train_batch_tokens * step / max(train_ms_total / 1000, 1e-9), "phases": phases,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf.attention import BOS_ID, doc_boundaries  # noqa: E402
+from golf.attention import BOS_ID, TUNED_FLEX, doc_boundaries  # noqa: E402
 
 # (name, kernel_options); fwd_/bwd_ prefixes reach one pass only. None: torch's own choice.
 GRID: list[tuple[str, dict | None]] = [("default", None)]
@@ -34,9 +34,11 @@ for m, n, st, w in [(128, 64, 3, 4), (128, 64, 3, 8), (128, 128, 3, 8), (128, 12
     GRID.append((f"fwd {m}x{n} s{st} w{w}", {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_stages": st,
                                              "fwd_num_warps": w}))
 # backward: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0 (Inductor's constraint); the pairs
-# below are symmetric (M1, N1, M2, N2) = (m, n, n, m); each also carries the tuned forward (TUNED_FWD)
-TUNED_FWD = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4}
+# below are symmetric (M1, N1, M2, N2) = (m, n, n, m); each also carries the H100 table's forward
+TUNED = TUNED_FLEX[((9, 0), 64)]
+TUNED_FWD = {k: v for k, v in TUNED.items() if k.startswith("fwd_")}
 GRID.append(("tuned fwd", dict(TUNED_FWD)))
+GRID.append(("tuned", dict(TUNED)))
 for m, n, st, w in [(64, 128, 3, 8), (64, 128, 2, 8), (64, 128, 3, 4), (32, 64, 3, 4), (32, 64, 4, 4), (32, 64, 2, 4),
                     (32, 128, 3, 4), (64, 64, 3, 8), (64, 64, 2, 4), (32, 32, 3, 4), (16, 64, 3, 4)]:
     GRID.append((f"bwd {m}x{n} s{st} w{w}", {**TUNED_FWD, "bwd_BLOCK_M1": m, "bwd_BLOCK_N1": n, "bwd_BLOCK_M2": n,

@@ -44,7 +44,7 @@ from golf.loader import PackedLoader
 from golf.optim import EMA, build_optimizer, lr_schedule, momentum_warmup
 from golf.profile import profile_lines, profile_steps
 from golf.runlog import RunLog, compile_breakdown, write_summary
-from golf.ttt import TTTSettings, evaluate_ttt, phase_ends, prime as prime_ttt, split_documents
+from golf.ttt import TTTSettings, evaluate_ttt, packs, phase_ends, prime as prime_ttt, split_documents
 from quant import export
 from quant.artifact import ArtifactTooLarge, check_artifact, size_log_lines
 from quant.hessian import HessianCollector
@@ -172,6 +172,8 @@ KNOBS = (
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
+    Knob("TTT_LAYOUT", str, "auto", "TTT passes: packed (a step's windows end to end, varlen attention), rows (one padded row each), auto (packed on CUDA)"),
+    Knob("TTT_PACK_BUCKET", int, 4096, "packed TTT passes are padded to a multiple of this many tokens, of a quarter of it below it (few shapes: few graphs)"),
     Knob("TTT_CUDA_GRAPHS", int, 64, "most TTT pass shapes kept as CUDA graphs: a shape seen twice is captured, later passes replay it (CUDA only; 0: off)"),
     Knob("TTT_PRIME", bool, True, "compile TTT's regions before the training clock (throwaway adapters; only with TTT_COMPILE on), so the final TTT's warm-up finds the caches warm"),
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; warm-up logged apart: ~190 s cold, ~17 s after TTT_PRIME)"),
@@ -210,12 +212,14 @@ class PartialRotary(nn.Module):
         self.dims = dims
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / max(dims, 1)), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, H, D]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, T, H, D]; positions [B, T] (packed sequences), default each token's index in its row
         if self.dims == 0:
             return x
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
+        if positions is None:
+            freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)[None, :, None, :]
+        else:
+            freqs = (positions.float()[..., None] * self.inv_freq)[:, :, None, :]
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims :]
         x1, x2 = rot.chunk(2, dim=-1)
@@ -248,8 +252,9 @@ class Attention(nn.Module):
         k = self.c_k(a).view(B, T, self.kv_heads, self.head_dim)
         v = self.c_v(a).view(B, T, self.kv_heads, self.head_dim)
         # QK RMS-norm bounds the logits; the learned gain then sets their temperature per head
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
-        k = self.rotary(rms_norm(k))
+        positions = getattr(docs, "positions", None)  # research attention variants pass their own layout
+        q = self.rotary(rms_norm(q), positions) * self.q_gain.to(q.dtype)[:, None]
+        k = self.rotary(rms_norm(k), positions)
         # autocast leaves the RMS-normed q, k in fp32; FlexAttention and FA3 need one dtype (v's, bf16)
         y = self.attend(q.to(v.dtype), k.to(v.dtype), v, docs)  # [B, T, H, D]
         if self.xsa:  # remove each head's component along its own position's (normalised) value vector
@@ -359,6 +364,7 @@ def layer_order(cfg, looping: bool) -> list[int]:
 class GPT(nn.Module):
     block = Block
     norm = staticmethod(rms_norm)
+    packable = True  # hidden() honours DocInfo.positions and seq_starts: TTT may pack several windows in a row
 
     def __init__(self, cfg):
         super().__init__()
@@ -394,10 +400,12 @@ class GPT(nn.Module):
                     raise KnobError(f"PARALLEL_START_LAYER={cfg.parallel_start_layer} must start a tail of "
                                     f"decoder layers (decoder order {dec}); use -1 to disable")
 
-    def smear(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def smear(self, x: torch.Tensor, idx: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.cfg.smear_width]))
-        gate = gate[:, 1:] * (idx[:, 1:, None] != BOS_ID).to(x.dtype)  # a BOS never sees the previous document
-        return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
+        keep = idx[:, 1:, None] != BOS_ID  # a BOS never sees the previous document
+        if starts is not None:  # nor does the first token of a packed sequence see the one before it
+            keep = keep & ~starts[:, 1:, None]
+        return torch.cat((x[:, :1], x[:, 1:] + gate[:, 1:] * keep.to(x.dtype) * x[:, :-1]), dim=1)
 
     def after_step(self) -> None:
         """Called after every optimizer step; research models update gradient-free state here."""
@@ -425,13 +433,14 @@ class GPT(nn.Module):
         are then graph inputs (Inductor's FlexAttention lowering fails on a mask computed in-graph)."""
         return doc_boundaries(idx, BOS_ID, self.cfg.doc_isolation)
 
-    def stream_input(self, idx: torch.Tensor) -> torch.Tensor:
-        """x0: embeddings in the residual stream's dtype (bf16 under autocast), smeared, normed."""
+    def stream_input(self, idx: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """x0: embeddings in the residual stream's dtype (bf16 under autocast), smeared, normed;
+        `starts` (DocInfo.seq_starts) marks where packed sequences begin."""
         x = self.embed(idx)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if hasattr(self, "smear_gate"):
-            x = self.smear(x, idx)
+            x = self.smear(x, idx, starts)
         return self.norm(x)
 
     def stream_output(self, x: torch.Tensor, lanes) -> torch.Tensor:
@@ -446,7 +455,7 @@ class GPT(nn.Module):
         run = self.regions or call
         # one tensor passed as two arguments makes Dynamo compile another graph (it guards on `a is b`);
         # a view is a distinct argument at no cost
-        x0 = run(type(self).stream_input, self, idx)
+        x0 = run(type(self).stream_input, self, idx, getattr(docs, "seq_starts", None))
         x = x0.view_as(x0)
         order = layer_order(self.cfg, self.looping or not self.training)
         n_enc = len(order) // 2
@@ -938,7 +947,7 @@ def ttt_settings(cfg, n_docs: int, device: torch.device) -> TTTSettings:
         phase_ends=phase_ends(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, n_docs),
         global_lr=cfg.global_ttt_lr, global_momentum=cfg.global_ttt_momentum, global_epochs=cfg.global_ttt_epochs,
         global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip,
-        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed,
+        micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed, layout=cfg.ttt_layout, pack_bucket=cfg.ttt_pack_bucket,
         graphs=cfg.ttt_cuda_graphs if device.type == "cuda" else 0,  # on CPU a replay is no faster
         compile=device.type == "cuda" if cfg.ttt_compile is None else cfg.ttt_compile)
 
@@ -960,7 +969,7 @@ def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device
         s = ttt_settings(cfg, len(split_documents(val_tokens)), device)
         log(f"ttt: chunk:{s.chunk} seq_len:{s.seq_len} batch_docs:{s.batch_docs} lora_rank:{s.lora_rank} "
             f"targets:{','.join(s.targets)} phase_ends:{list(s.phase_ends)} micro_batch_tokens:{s.micro_tokens} "
-            f"compile:{int(s.compile)}")
+            f"compile:{int(s.compile)} layout:{'packed' if packs(s, model, device) else 'rows'}")
         if device.type == "cuda":  # TTT's own peak: training's cached blocks are released first
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -974,7 +983,7 @@ def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device
         stages["ttt"] = {"val_loss": r["val_loss"], "val_bpb": r["val_bpb"], "eval_time_s": r["seconds"],
                          "compile_warmup_s": r["compile_seconds"],
                          "tokens": r["tokens"], "phase_ends": r["phase_ends"], "peak_memory_mib": peak,
-                         "cuda_graphs": r["cuda_graphs"]}
+                         "cuda_graphs": r["cuda_graphs"], "layout": r["layout"]}
     return stages
 
 

@@ -237,7 +237,7 @@ class AttentionV2(tg.Attention):
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
         if cfg.pos_encoding != "rope":
-            self.rotary = nn.Identity()
+            self.rotary = tg.PartialRotary(self.head_dim, 0, cfg.rope_base)  # rotates no channels
         self.variant = attention_variant(cfg)
         if self.variant.alibi:
             self.register_buffer("alibi_slopes", alibi_slopes(self.heads), persistent=False)
@@ -295,6 +295,7 @@ def max_positions(cfg) -> int:
 
 class GPTv2(tg.GPT):
     block = BlockV2
+    packable = False  # learned positions, ALiBi, windows and sinks assume one sequence per row: TTT keeps rows
 
     def __init__(self, cfg):
         cfg = resolve(cfg, budget_steps=False)

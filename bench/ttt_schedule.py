@@ -3,7 +3,8 @@ steps golf.ttt.score_docs takes, how many passes (forward + backward) they run a
 and how much of that work a TTT_CUDA_GRAPHS cache of N graphs would replay (a pass shape, or the
 adapters' AdamW step, is captured at its second sighting; later ones replay). The device work is
 replaced by a stand-in that returns zero nats; the slot bookkeeping, pass planning and graph keys are
-the real ones. TTT_* and PHASED_TTT_* come from the environment.
+the real ones. TTT_* and PHASED_TTT_* come from the environment (TTT_LAYOUT=auto counts as on a GPU:
+packed).
 
   python bench/ttt_schedule.py --val '/tmp/bench/datasets/bench_sp8192/fineweb_val_[0-9]*.bin'
   # the SP8192 benchmark val set from the SP1024 shard, without building it (same document lengths):
@@ -17,6 +18,7 @@ F is the fraction of passes replayed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -52,14 +54,15 @@ class _Counting(StepGraphs):
 
 class _Model:
     regions = object()  # as with TTT_COMPILE: lone rows run with a masked copy
+    packable = True
 
 
 class _Adapters:
     def reset(self, slots) -> None:
         pass
 
-    def slot_mask(self, slots) -> torch.Tensor:
-        return torch.zeros(1)
+    def slot_rows(self, slots) -> torch.Tensor:
+        return torch.zeros(max(2, 1 << (len(slots) - 1).bit_length()))
 
 
 def main() -> None:
@@ -79,11 +82,13 @@ def main() -> None:
     lengths = docs[:, 1] - docs[:, 0]
     print(f"ttt_schedule docs:{len(docs)} tokens:{len(tokens)} longest:{lengths.max()}", flush=True)
 
-    def stand_in(model, adapters, autocast, backward, slots, x, y, *rest):  # a pass's outputs, no work
+    def stand_in(model, adapters, autocast, backward, seq_len, slots, x, y, *rest):  # a pass's outputs, no work
         shapes.append(tuple(x.shape))
         return [torch.zeros(y.shape)]
-    ttt._pass, ttt._adapter_step = stand_in, lambda adapters, on: adamw.append(1) or []
+    ttt._pass, ttt._adapter_step = stand_in, lambda adapters, rows: adamw.append(1) or []
     s = tg.ttt_settings(cfg, len(docs), CPU)
+    if s.layout == "auto":  # the GPU's choice
+        s = dataclasses.replace(s, layout="packed")
     for capacity in [int(c) for c in a.graphs.split(",")]:
         graphs, shapes, adamw, steps = _Counting(CPU, capacity), [], [], [0]
         graphs.pass_replays = 0

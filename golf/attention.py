@@ -10,6 +10,8 @@ Build the boundaries once per forward and pass them to every layer:
 Backends, chosen from what is importable and the device (`backend_name` says which, for the log):
   "fa3"   FlashAttention 3 varlen on CUDA: the batch flattened to [B*T], segments given by cu_seqlens.
   "flex"  FlexAttention on CUDA: a block mask from per-token segment ids (causal & same segment).
+  "fa2"   FlashAttention 2 varlen as torch ships it (aten::_flash_attention_forward/backward) on CUDA:
+          like "fa3"; the backend of packed batches (`packed_doc_info`) when FA3 is missing.
   "sdpa"  scaled_dot_product_attention with a dense [B, 1, T, T] boolean mask. The CPU default:
           FlexAttention has no backward on CPU and its eager CPU path (the full score matrix) ran
           about 6x slower than the dense mask at B=32, T=256 on torch 2.13. Also the test reference.
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 BOS_ID = 1
-_NAMES = {"fa3": "flash_attention_3_varlen", "flex": "flex_attention", "sdpa": "sdpa_dense_mask"}
+_NAMES = {"fa3": "flash_attention_3_varlen", "flex": "flex_attention", "fa2": "flash_attention_2_varlen",
+          "sdpa": "sdpa_dense_mask"}
 
 try:
     from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen  # FlashAttention 3 (Hopper)
@@ -102,6 +105,14 @@ def flex_options(device: torch.device, head_dim: int = 64) -> dict | None:
     return dict(options) or None
 
 
+def _flash2_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Causal FlashAttention 2 over the segments of a flattened batch: q [N, H, D], k/v [N, Hkv, D]
+    (grouped-query heads handled by the kernel), cu_seqlens [S + 1] int32 (empty segments allowed),
+    max_len >= the longest segment; softmax scale 1/sqrt(D). The aten op carries its own backward
+    (a plain op to the compiler, so compiled graphs holding it stay cacheable)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False)[0]
+
+
 def _flex_fns(device: torch.device):
     """(create_block_mask, flex_attention) for `device`."""
     return _FLEX_CUDA if device.type == "cuda" else (create_block_mask, flex_attention)
@@ -116,6 +127,7 @@ def available_backends(device: torch.device | str) -> list[str]:
             out.append("fa3")
         if flex_attention is not None:
             out.append("flex")
+        out.append("fa2")
     return out + ["sdpa"]
 
 
@@ -168,12 +180,14 @@ def segment_ids_from_starts(starts: torch.Tensor) -> torch.Tensor:
 class DocInfo:
     """Segment layout of one batch, built once per forward and shared by every layer."""
 
-    backend: str                      # "fa3" | "flex" | "sdpa"
+    backend: str                      # "fa3" | "flex" | "fa2" | "sdpa"
     isolate: bool                     # False: plain causal attention over each row
     segment_ids: torch.Tensor         # [B, T] int32, see segment_ids_from_starts
-    cu_seqlens: torch.Tensor | None   # int32 (fa3 only; padded with empty segments under compile)
+    cu_seqlens: torch.Tensor | None   # int32 (fa3, fa2; padded with empty segments under compile)
     max_seqlen: int                   # upper bound on a segment's length: T (static, valid for FA3)
     mask: object = None               # flex: BlockMask; sdpa: bool [B, 1, T, T] or None (is_causal)
+    positions: torch.Tensor | None = None   # [B, T] rotary position of each token; None: its index in the row
+    seq_starts: torch.Tensor | None = None  # [B, T] bool: tokens that begin a sequence (the smear stops there)
 
 
 def doc_boundaries(input_ids: torch.Tensor, bos_id: int = BOS_ID, isolate: bool = True,
@@ -190,9 +204,9 @@ def doc_boundaries(input_ids: torch.Tensor, bos_id: int = BOS_ID, isolate: bool 
     seg = segment_ids_from_starts(starts)
     B, T = input_ids.shape
     cu, mask = None, None
-    if backend == "fa3" and not isolate:  # row starts only: known without looking at the tokens
+    if backend in ("fa3", "fa2") and not isolate:  # row starts only: known without looking at the tokens
         cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=input_ids.device)
-    elif backend == "fa3":
+    elif backend in ("fa3", "fa2"):
         cu = cu_seqlens_from_starts(starts, pad=torch.compiler.is_compiling())
     elif backend == "flex":
         make_mask = _flex_fns(input_ids.device)[0]
@@ -209,6 +223,30 @@ def doc_boundaries(input_ids: torch.Tensor, bos_id: int = BOS_ID, isolate: bool 
     return DocInfo(backend, isolate, seg, cu, T, mask)
 
 
+def packed_backend(device: torch.device | str) -> str:
+    """The backend for packed batches: a varlen FlashAttention on CUDA, the dense mask elsewhere."""
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    return "fa3" if _fa3_varlen is not None else "fa2"
+
+
+def packed_doc_info(segment_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor,
+                    seq_starts: torch.Tensor, backend: str | None = None) -> DocInfo:
+    """DocInfo of a packed batch [1, T] whose sequences the caller laid out (TTT windows of several
+    documents, each from its own position 0): segment ids [1, T] int32, cu_seqlens int32 (its
+    boundaries; may end with empty segments), max_seqlen >= the longest, positions [1, T] and
+    seq_starts [1, T] bool. Builds nothing that waits for the device."""
+    backend = backend or packed_backend(segment_ids.device)
+    mask = None
+    if backend == "sdpa":
+        T = segment_ids.shape[1]
+        pos = torch.arange(T, device=segment_ids.device)
+        mask = ((pos[:, None] >= pos[None, :]) & (segment_ids[:, :, None] == segment_ids[:, None, :])).unsqueeze(1)
+    elif backend not in ("fa3", "fa2"):
+        raise ValueError(f"packed batches need a varlen backend (fa3, fa2) or sdpa, not {backend!r}")
+    return DocInfo(backend, True, segment_ids, cu_seqlens, max_seqlen, mask, positions, seq_starts)
+
+
 # ----------------------------------------------------------------------------- attention
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: DocInfo) -> torch.Tensor:
     """q [B, T, H, D], k/v [B, T, Hkv, D] (H a multiple of Hkv) -> [B, T, H, D], softmax scale
@@ -220,10 +258,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: DocInfo) -> 
     if tuple(info.segment_ids.shape) != (B, T):
         raise ValueError(f"DocInfo was built for a batch of {tuple(info.segment_ids.shape)}, q is for {(B, T)}")
     gqa = k.shape[2] != H
-    if info.backend == "fa3":
+    if info.backend in ("fa3", "fa2"):
         Hkv = k.shape[2]
-        out = _fa3_varlen(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D),
-                          info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen, causal=True)
+        flat = q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D)
+        if info.backend == "fa2":
+            return _flash2_varlen(*flat, info.cu_seqlens, info.max_seqlen).view(B, T, H, D)
+        out = _fa3_varlen(*flat, info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
         return out.view(B, T, H, D)
     # FlexAttention and SDPA take [B, H, T, D]

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from golf.attention import doc_boundaries
+from golf.attention import doc_boundaries, packed_doc_info
 from golf.bpb import BpbMeter
 from golf.dist import all_reduce_
 from golf.evaluate import rank_range
@@ -47,6 +47,7 @@ BOS_ID = 1
 # LoRA target name -> attribute path inside a block; "head" is the tied LM head (GPT.logits' head_delta)
 BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 TARGETS = tuple(BLOCK_TARGETS) + ("head",)
+LAYOUTS = ("auto", "packed", "rows")
 _CALLS = 0
 _COPIES = 0
 
@@ -74,6 +75,8 @@ class TTTSettings:
     seed: int = 0
     compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
     graphs: int = 0  # most pass shapes kept as CUDA graphs (golf/step_graphs.py); 0: none
+    layout: str = "auto"  # packed | rows | auto (packed on CUDA for models that allow it); see score_docs
+    pack_bucket: int = 4096  # packed passes are [1, T] with T a multiple of this (few shapes)
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -81,6 +84,10 @@ class TTTSettings:
             raise ValueError(f"TTT_LORA_TARGETS: unknown {unknown}; choose from {','.join(TARGETS)}")
         if self.chunk <= 0 or self.seq_len < self.chunk:
             raise ValueError(f"TTT_CHUNK_SIZE={self.chunk} must be in 1..TTT_EVAL_SEQ_LEN={self.seq_len}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"TTT_LAYOUT={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if self.pack_bucket <= 0 or self.pack_bucket % self.pad_multiple:
+            raise ValueError(f"TTT_PACK_BUCKET={self.pack_bucket} must be a positive multiple of the pad multiple {self.pad_multiple}")
         if list(self.phase_ends) != sorted(set(self.phase_ends)) or any(p <= 0 for p in self.phase_ends):
             raise ValueError(f"phase boundaries {self.phase_ends} must be increasing positive document counts")
 
@@ -119,6 +126,22 @@ def plan(docs: np.ndarray, s: TTTSettings) -> list[np.ndarray]:
     return phases
 
 
+def segment_matmul(x: torch.Tensor, W: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ W[g] [in, out] for the rows of each group g: rows ends[g-1]..ends[g] (int32
+    [G], non-decreasing, the last = N; empty groups allowed). torch._grouped_mm where it runs (bf16;
+    float32 on CPU outside torch.compile, whose shape rules take bf16 only; rows of a multiple of 16
+    bytes), else one masked matmul per group (same values, G times the work)."""
+    kernel_dtype = x.dtype == torch.bfloat16 or (
+        x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling())
+    if kernel_dtype and all(d * x.element_size() % 16 == 0 for d in W.shape[1:]):
+        return torch._grouped_mm(x, W, offs=ends)
+    group = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=ends.dtype), right=True)
+    out = x.new_zeros(x.shape[0], W.shape[2])
+    for g in range(W.shape[0]):
+        out = out + (group == g)[:, None].to(x.dtype) * (x @ W[g])
+    return out
+
+
 class BatchedLoRA(nn.Module):
     """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot. A [S, in, r] and B [S, r, out] are
     views into the flat buffers of `Adapters` (gA, gB into its gradients), which reset and step them.
@@ -134,9 +157,10 @@ class BatchedLoRA(nn.Module):
         self.rows: torch.Tensor | None = None  # the slots of the rows in the current pass
         self.a: torch.Tensor | None = None  # A[rows], B[rows] of the current pass
         self.b: torch.Tensor | None = None
+        self.ends: torch.Tensor | None = None  # packed passes: where each row's tokens end (segment_matmul)
 
-    def load(self, rows: torch.Tensor | None, grad: bool) -> None:
-        self.rows = rows
+    def load(self, rows: torch.Tensor | None, grad: bool, ends: torch.Tensor | None = None) -> None:
+        self.rows, self.ends = rows, ends
         self.a = self.b = None
         if rows is not None:
             self.a, self.b = self.A[rows].requires_grad_(grad), self.B[rows].requires_grad_(grad)
@@ -152,7 +176,15 @@ class BatchedLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = (self.A, self.B) if self.a is None else (self.a, self.b)
-        return (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
+        if self.ends is None:  # x [rows, W, in]: one adapter per row
+            return (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
+        # packed [1, T, in]: one adapter per row's run of tokens. Autocast does not cover grouped
+        # matmuls, so its dtype is applied here (the normed inputs arrive in float32)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        delta = segment_matmul(segment_matmul(flat, A.to(dtype), self.ends), B.to(dtype), self.ends)
+        return (delta * self.scale).view(*x.shape[:-1], -1)
 
 
 class Adapters:
@@ -194,7 +226,7 @@ class Adapters:
             else:
                 self.hooks.append(module.register_forward_hook(_add_delta(lora)))
         self.init = init.to(device)
-        self.adamw = torch.compile(_row_adamw, dynamic=False, fullgraph=True, backend=backend) if backend else _row_adamw
+        self.adamw = torch.compile(_row_adamw, dynamic=True, fullgraph=True, backend=backend) if backend else _row_adamw
         self.reset()
 
     def reset(self, slots: np.ndarray | None = None) -> None:
@@ -207,30 +239,36 @@ class Adapters:
             self.P[rows] = self.init
             self.t[rows] = 0
 
-    def slot_mask(self, slots: np.ndarray) -> torch.Tensor:
-        """[slots, 1] bool on the adapters' device, set at the given slots: what `step` takes."""
-        on = np.zeros((self.P.shape[0], 1), dtype=bool)
-        on[slots] = True
-        return _to_device(on, self.P.device)
+    def slot_rows(self, slots: np.ndarray) -> torch.Tensor:
+        """The given slots as int64 indices on the adapters' device, what `step` takes: padded to a
+        power of two (at least 2: Dynamo specialises sizes of 1) by repeating the first, so AdamW
+        steps take few shapes and one graph (a repeated slot is stepped once: every copy writes the
+        same update from the same old values)."""
+        k = max(2, 1 << (len(slots) - 1).bit_length())
+        rows = np.concatenate((slots, np.full(k - len(slots), slots[0]))).astype(np.int64)
+        return _to_device(rows, self.P.device)
 
-    def step(self, on: torch.Tensor) -> None:
-        """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the slots set in
-        `on` (see slot_mask); the others keep their values. Gradients are zeroed for the next chunk."""
+    def step(self, rows: torch.Tensor) -> None:
+        """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the slots in
+        `rows` (see slot_rows); only their rows are read and written, the others keep their values.
+        Their gradients are zeroed for the next chunk (the others have none: rows that do not train
+        add zero gradients, and a slot's next document starts from reset)."""
         s = self.s
         n = self.P.shape[1]
-        cols = n if self.adamw is not _row_adamw else max(1, 2**24 // self.P.shape[0])  # eager: bounded temporaries
+        cols = n if self.adamw is not _row_adamw else max(1, 2**24 // rows.shape[0])  # eager: bounded temporaries
         with torch.no_grad():
-            self.t.add_(on[:, 0])
+            t = self.t[rows] + 1
             for c in range(0, n, cols):
                 part = slice(c, c + cols)
                 self.adamw(self.P[:, part], self.G[:, part], None if self.M is None else self.M[:, part],
-                           self.V[:, part], self.t[:, None], on, s.lr, s.beta1, s.beta2, s.weight_decay)
-            self.G.zero_()
+                           self.V[:, part], t[:, None], rows, s.lr, s.beta1, s.beta2, s.weight_decay)
+            self.t.index_copy_(0, rows, t)
 
-    def select(self, rows: torch.Tensor | None, grad: bool = False) -> None:
-        """The slots of the next pass's rows (None: all slots, in order), trained if `grad`."""
+    def select(self, rows: torch.Tensor | None, grad: bool = False, ends: torch.Tensor | None = None) -> None:
+        """The slots of the next pass's rows (None: all slots, in order), trained if `grad`; `ends`:
+        the pass is packed and row i's tokens end at ends[i] (the head's rows are never packed)."""
         for lora in self.loras:
-            lora.load(rows, grad)
+            lora.load(rows, grad, None if lora is self.head else ends)
 
     def store_grads(self) -> None:
         """After a pass's backward: its gradients into G at its slots."""
@@ -246,18 +284,20 @@ class Adapters:
             h.remove()
 
 
-def _row_adamw(P, G, M, V, t, on, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float = 1e-8):
-    """AdamW (decoupled weight decay, bias-corrected moments) on the rows where `on` [S, 1] is set, each
-    row with its own step count t [S, 1]; in place. M None: beta1 is 0 and the first moment is G."""
-    m = G if M is None else torch.lerp(M, G, 1 - beta1)
-    v = V * beta2 + G * G * (1 - beta2)
-    bc1 = (1 - torch.pow(beta1, t)).clamp_min(1e-30)  # rows with t = 0 are not stepped
-    bc2 = (1 - torch.pow(beta2, t)).clamp_min(1e-30)
-    p = P * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2.sqrt() + eps)
-    P.copy_(torch.where(on, p, P))
-    V.copy_(torch.where(on, v, V))
+def _row_adamw(P, G, M, V, t, rows, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float = 1e-8):
+    """AdamW (decoupled weight decay, bias-corrected moments) on rows `rows` of P, each with its step
+    count t [K, 1] (this step's); in place, G's rows zeroed. M None: beta1 is 0 and the first moment
+    is G. Compiled, the gathers, the update and the scatters are one kernel over the K rows."""
+    g = G[rows]
+    m = g if M is None else torch.lerp(M[rows], g, 1 - beta1)
+    v = V[rows] * beta2 + g * g * (1 - beta2)
+    bc1 = 1 - torch.pow(beta1, t)
+    bc2 = 1 - torch.pow(beta2, t)
+    P.index_copy_(0, rows, P[rows] * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2.sqrt() + eps))
+    V.index_copy_(0, rows, v)
     if M is not None:
-        M.copy_(torch.where(on, m, M))
+        M.index_copy_(0, rows, m)
+    G.index_fill_(0, rows, 0)
 
 
 def _add_delta(lora: BatchedLoRA):
@@ -301,16 +341,22 @@ def compiled_regions(backend: str = "inductor") -> Callable:
     return run
 
 
-def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, at: torch.Tensor | None = None) -> torch.Tensor:
+def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, at: torch.Tensor | None = None,
+          packed: tuple | None = None) -> torch.Tensor:
     """Per-token nats of every position of each row, or of positions `at` [rows, k] (y then [rows, k]):
-    the LM head runs on those positions only."""
+    the LM head runs on those positions only. `packed` (golf.attention.packed_doc_info's arguments):
+    x is one packed row [1, T] of several windows and `at` indexes into it."""
     with autocast:
-        # every row is one document (no BOS after position 0), so plain causal attention is exact and
-        # runs on shape-agnostic kernels: TTT windows change shape every chunk, and a compiled
-        # FlexAttention would recompile per shape
-        h = model.hidden(x, docs=doc_boundaries(x, BOS_ID, isolate=False))
-        if at is not None:
-            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+        if packed is None:
+            # every row is one document (no BOS after position 0), so plain causal attention is exact and
+            # runs on shape-agnostic kernels: TTT windows change shape every chunk, and a compiled
+            # FlexAttention would recompile per shape
+            h = model.hidden(x, docs=doc_boundaries(x, BOS_ID, isolate=False))
+            if at is not None:
+                h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+        else:
+            h = model.hidden(x, docs=packed_doc_info(*packed))
+            h = h[0].index_select(0, at.flatten()).view(*at.shape, -1)
         logits = model.head(h, head_delta=head_delta)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
@@ -353,19 +399,21 @@ class _Counter:
         return np.arange(end - k, min(end, self.total), dtype=np.int64)
 
 
-def _pass(model, adapters: Adapters | None, autocast, backward: bool,
-          slots, x, y, at, mask, weight) -> list[torch.Tensor]:
+def _pass(model, adapters: Adapters | None, autocast, backward: bool, seq_len: int,
+          slots, x, y, at, mask, weight, *packed) -> list[torch.Tensor]:
     """The device work of one pass (its tensors as score_docs builds them): the nats of the scored
     positions and, with `backward`, the backward of the training rows' mean losses into the adapters'
-    gradients. Reads nothing but its arguments and never waits for the GPU, so a CUDA graph can replay
-    it (golf/step_graphs.py)."""
+    gradients. `packed` (segment ids, cu_seqlens, positions, starts, LoRA row ends; see _pack) when x
+    is a packed row. Reads nothing but its arguments and never waits for the GPU, so a CUDA graph can
+    replay it (golf/step_graphs.py)."""
     # compiled regions: always with grad (a pass without training skips its backward), so no
     # separate no-grad graphs are compiled for it
     grad = backward or (adapters is not None and model.regions is not None)
     if adapters is not None:
-        adapters.select(slots, grad)
+        adapters.select(slots, grad, packed[4] if packed else None)
     with torch.set_grad_enabled(grad):
-        nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at)
+        nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at,
+                     (packed[0], packed[1], seq_len, packed[2], packed[3]) if packed else None)
     if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
         ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
         adapters.store_grads()
@@ -374,10 +422,121 @@ def _pass(model, adapters: Adapters | None, autocast, backward: bool,
     return [nats.detach()]
 
 
-def _adapter_step(adapters: Adapters, on: torch.Tensor) -> list[torch.Tensor]:
+def _adapter_step(adapters: Adapters, rows: torch.Tensor) -> list[torch.Tensor]:
     """The adapters' AdamW step as a replayable step (golf/step_graphs.py): no outputs."""
-    adapters.step(on)
+    adapters.step(rows)
     return []
+
+
+def packs(s: TTTSettings, model, device) -> bool:
+    """Whether TTT packs its windows (s.layout resolved for `model` on `device`): "auto" packs on CUDA
+    for models that allow it (GPT.packable), the varlen kernels' home; rows everywhere else."""
+    allowed = getattr(model, "packable", False)
+    if s.layout == "packed" and not allowed:
+        raise ValueError(f"TTT_LAYOUT=packed: {type(model).__name__} does not support packed sequences; use rows or auto")
+    return s.layout == "packed" or (s.layout == "auto" and allowed and torch.device(device).type == "cuda")
+
+
+@dataclass
+class _Rows:
+    """One continuous-batching step's rows (host arrays, one entry per active slot)."""
+    slots: np.ndarray   # slot of each row
+    base: np.ndarray    # stream position of the row's window's first token
+    span: np.ndarray    # window tokens: the document's last seq_len tokens up to the chunk's end
+    offset: np.ndarray  # the chunk's first position in the window
+    train: np.ndarray   # bool: the document has a next chunk, so this one trains its adapter
+
+    def width(self, s: TTTSettings) -> np.ndarray:
+        """Window length padded to the pad multiple (at most seq_len): few distinct shapes."""
+        return np.minimum(s.seq_len, -(-self.span // s.pad_multiple) * s.pad_multiple)
+
+    def chunk(self, s: TTTSettings, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the window [k, chunk], scored [k, chunk]) of rows `sel`'s chunks."""
+        at = self.offset[sel][:, None] + np.arange(s.chunk)[None, :]
+        scored = at < self.span[sel][:, None]
+        return np.where(scored, at, 0), scored
+
+
+def _row_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings, lone_copies: bool):
+    """The rows layout: each window its own row, padded to the widest of its pass; a pass takes rows
+    widest first up to s.micro_tokens window tokens. Yields (arrays for _pass, stream positions [k,
+    chunk] of the scored inputs)."""
+    width = rows.width(s)
+    order = np.argsort(-width, kind="stable")
+    g = 0
+    while g < len(order):
+        W = int(width[order[g]])
+        sel = order[g : g + max(1, s.micro_tokens // W)]  # rows are independent: passes are exact
+        g += len(sel)
+        # compiled, a lone row would get graphs of its own (Dynamo specialises sizes of 1): it runs
+        # with a masked copy of itself instead, which adds nothing to loss or gradients
+        lone = len(sel) == 1 and lone_copies
+        if lone:
+            sel = np.repeat(sel, 2)
+        base = rows.base[sel][:, None]
+        pos = np.arange(W)[None, :]
+        inside = pos < rows.span[sel][:, None]
+        x = np.where(inside, tokens[np.where(inside, base + pos, 0)], 0).astype(np.int64)
+        at, scored = rows.chunk(s, sel)
+        if lone:
+            scored[1:] = False
+        idx = base + at  # input positions; their targets are idx + 1
+        y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
+        yield [rows.slots[sel], x, y, at, scored, rows.train[sel].astype(np.float32)], idx
+
+
+def _packed_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings):
+    """The packed layout: the windows (each padded to the pad multiple) laid end to end in one row per
+    pass, widest first, up to s.micro_tokens window tokens a pass (a wider window alone); the row is
+    padded to a multiple of s.pack_bucket (of a quarter of it when shorter), so passes take few shapes
+    and no work goes to padding rows out to the widest window. Attention stays inside each window (varlen), each window's rotary
+    positions start at 0, and each window trains its own slot's adapter (segment_matmul)."""
+    width = rows.width(s)
+    groups, used = [[]], 0
+    for r in np.argsort(-width, kind="stable"):
+        if groups[-1] and used + width[r] > s.micro_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(r)
+        used += width[r]
+    for sel in groups:
+        yield _pack(tokens, rows, np.array(sel), width[sel], s)
+
+
+def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s: TTTSettings):
+    """One packed pass of rows `sel`: x [1, T]; the chunk arrays as in the rows layout but with s.batch_docs
+    rows (the unused ones unscored, weight 0) and `at` indexing into the packed row; then segment ids
+    [1, T], cu_seqlens (fixed length), positions [1, T], sequence starts [1, T] and the LoRA rows'
+    ends [batch_docs]. The padding after the last window forms segments of at most seq_len tokens (the
+    varlen kernels' longest), all of them in the last window's LoRA row."""
+    n, G = len(sel), s.batch_docs
+    first = np.concatenate(([0], np.cumsum(width)))  # window j holds positions first[j]..first[j + 1]
+    used = int(first[-1])
+    # T: a multiple of pack_bucket, or up to it of a quarter of it, so that the last steps of a phase
+    # (a long document's 2048-token window alone) pay little padding
+    step = s.pack_bucket if used > s.pack_bucket else max(s.pad_multiple, s.pack_bucket // 4)
+    T = -(-used // step) * step
+    tail = np.arange(T - used)
+    win = np.repeat(np.arange(n), width)
+    pos = np.concatenate((np.arange(used) - first[win], tail % s.seq_len))
+    seg = np.concatenate((win, n + tail // s.seq_len)).astype(np.int32)
+    inside = pos[:used] < rows.span[sel][win]
+    x = np.zeros(T, dtype=np.int64)
+    x[:used] = np.where(inside, tokens[np.where(inside, rows.base[sel][win] + pos[:used], 0)], 0)
+    bounds = np.concatenate((first, np.arange(used + s.seq_len, T, s.seq_len), [T]))
+    cu = np.full(G + 2 + -(-s.pack_bucket // s.seq_len), T, dtype=np.int32)
+    cu[: len(bounds)] = bounds
+    ends = np.full(G, T, dtype=np.int32)
+    ends[: n - 1] = first[1:n]
+    at_w, scored_w = rows.chunk(s, sel)
+    at, scored, idx = np.zeros((G, s.chunk), dtype=np.int64), np.zeros((G, s.chunk), dtype=bool), np.zeros((G, s.chunk), dtype=np.int64)
+    at[:n], scored[:n] = np.where(scored_w, first[:n, None] + at_w, 0), scored_w
+    idx[:n] = rows.base[sel][:, None] + at_w  # input positions; their targets are idx + 1
+    y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
+    slots, weight = np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.float32)
+    slots[:n], weight[:n] = rows.slots[sel], rows.train[sel]
+    arrays = [slots, x[None], y, at, scored, weight, seg[None], cu, pos[None], (pos == 0)[None], ends]
+    return arrays, idx
 
 
 def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
@@ -387,8 +546,9 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
     the current chunk of each slot's document, then the documents with chunks left take one adapter
     step on the chunk just scored; a slot whose document is done takes the next one (`take(k)`: the
     next k positions into `docs`, fewer or none at the end; default: all of `docs` in order) with
-    fresh adapters. Rows of one step are grouped by window width into passes of at most
-    `s.micro_tokens` window tokens. `on_step(steps, documents taken, tokens scored)` after each step.
+    fresh adapters. A step's rows run in passes of at most `s.micro_tokens` window tokens, packed
+    end to end or one padded row each (`packs`; _packed_passes, _row_passes); rows never interact, so
+    passes are exact either way. `on_step(steps, documents taken, tokens scored)` after each step.
     `graphs` (for one model and `adapters`) replays passes of repeated shapes, and the adapters'
     AdamW step, as CUDA graphs.
     Returns the number of scored tokens."""
@@ -397,7 +557,7 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
     slot_doc = np.full(s.batch_docs, -1, dtype=np.int64)
     slot_chunk = np.zeros(s.batch_docs, dtype=np.int64)
     scored_tokens, taken, steps, more = 0, 0, 0, True
-    chunk_pos = np.arange(s.chunk)[None, :]
+    packed = packs(s, model, device)
     while True:
         free = np.flatnonzero(slot_doc < 0)
         if more and len(free):
@@ -411,47 +571,28 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
         if not len(active):
             return scored_tokens
         d = slot_doc[active]
-        n, start = lengths[d], docs[d, 0]
+        n = lengths[d]
         lo = slot_chunk[active] * s.chunk
         hi = np.minimum(lo + s.chunk, n)
         w0 = np.maximum(0, hi - s.seq_len)
-        span = hi - w0  # window tokens of each row: its document's last seq_len tokens up to the chunk's end
-        width = np.minimum(s.seq_len, -(-span // s.pad_multiple) * s.pad_multiple)
-        train = (hi < n) if adapters is not None else np.zeros(len(active), dtype=bool)
-        order = np.argsort(-width, kind="stable")
-        g = 0
-        while g < len(order):
-            W = int(width[order[g]])
-            sel = order[g : g + max(1, s.micro_tokens // W)]  # rows are independent: passes are exact
-            g += len(sel)
-            # compiled, a lone row would get graphs of its own (Dynamo specialises sizes of 1): it runs
-            # with a masked copy of itself instead, which adds nothing to loss or gradients
-            lone = len(sel) == 1 and model.regions is not None
-            if lone:
-                sel = np.repeat(sel, 2)
-            base = (start + w0)[sel][:, None]
-            pos = np.arange(W)[None, :]
-            inside = pos < span[sel][:, None]
-            x = np.where(inside, tokens[np.where(inside, base + pos, 0)], 0).astype(np.int64)
-            at = (lo - w0)[sel][:, None] + chunk_pos  # the chunk's positions in the window
-            scored = at < span[sel][:, None]
-            if lone:
-                scored[1:] = False
-            at = np.where(scored, at, 0)
-            idx = base + at  # input positions; their targets are idx + 1
-            y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
-            inputs = [_to_device(a, device) for a in (active[sel], x, y, at, scored, train[sel].astype(np.float32))]
-            backward = bool(train[sel].any())
-            work = functools.partial(_pass, model, adapters, autocast, backward)
+        rows = _Rows(active, docs[d, 0] + w0, hi - w0, lo - w0,
+                     (hi < n) if adapters is not None else np.zeros(len(active), dtype=bool))
+        passes = _packed_passes(tokens, rows, s) if packed else _row_passes(tokens, rows, s, model.regions is not None)
+        for arrays, idx in passes:
+            scored = arrays[4]
+            inputs = [_to_device(a, device) for a in arrays]
+            backward = bool(arrays[5].any())
+            work = functools.partial(_pass, model, adapters, autocast, backward, s.seq_len)
             # a graph of a pass fixes its shapes and whether it trains; the rest is data
-            [nats] = graphs(("pass", x.shape, backward), work, inputs) if graphs is not None else work(*inputs)
+            [nats] = graphs(("pass", arrays[1].shape, backward), work, inputs) if graphs is not None else work(*inputs)
             meter.update(nats, _to_device(byte_counts[idx + 1], device), inputs[4])
             scored_tokens += int(scored.sum())
             if token_nats is not None:
                 token_nats[idx[scored]] = nats[inputs[4]].double().cpu().numpy()
+        train = rows.train
         if train.any():
-            work, on = functools.partial(_adapter_step, adapters), adapters.slot_mask(active[train])
-            graphs(("adamw",), work, [on]) if graphs is not None else work(on)
+            work, step_rows = functools.partial(_adapter_step, adapters), adapters.slot_rows(active[train])
+            graphs(("adamw", step_rows.shape[0]), work, [step_rows]) if graphs is not None else work(step_rows)
         slot_chunk[active] += 1
         slot_doc[active[hi >= n]] = -1
         steps += 1
@@ -570,7 +711,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     """Score-first TTT over the whole stream. `lora=False` scores without adapters (phases still run).
     The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (all of
     it, the compile warmup of `s.compile` included), compile_seconds (that warmup), docs, phase_ends,
-    cuda_graphs (StepGraphs.summary() with `s.graphs`, else None);
+    cuda_graphs (StepGraphs.summary() with `s.graphs`, else None), layout (packed or rows);
     `backend` is torch.compile's, for tests."""
     global _CALLS
     _CALLS += 1
@@ -627,5 +768,6 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     meter.all_reduce()
     loss, bpb = meter.result()
     return {"val_loss": loss, "val_bpb": bpb, "tokens": meter.tokens, "seconds": time.perf_counter() - t0,
+            "layout": "packed" if packs(s, model, device) else "rows",
             "compile_seconds": compile_seconds, "docs": len(docs), "phase_ends": list(s.phase_ends),
             "cuda_graphs": graphs.summary() if graphs is not None else None}

@@ -4,6 +4,7 @@ CPU runs SDPA (forward and backward) and FlexAttention's eager path (forward onl
 no CPU backward, and compiling it on CPU takes about 40 s, too slow here). bench/attention_check.py
 checks the CUDA backends in bf16 under torch.compile.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,6 +174,26 @@ def test_fa3_path_with_a_stand_in(monkeypatch, isolate, pad):
     assert info.backend == "fa3" and info.max_seqlen == ids.shape[1]
     assert info.cu_seqlens.numel() == (ids.numel() + 1 if pad else segment_starts(ids, isolate=isolate).sum() + 1)
     torch.testing.assert_close(attend(q, k, v, info), _reference(ids, q, k, v, isolate), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_batches_on_the_fa2_path_with_a_stand_in(monkeypatch):
+    """TTT's packed rows on CUDA: packed_doc_info's cu_seqlens (ending with empty segments) through the
+    FA2 varlen path, with a stand-in kernel, against the dense-mask backend on the same layout."""
+    import golf.attention as ga
+    monkeypatch.setattr(ga, "_flash2_varlen",
+                        lambda q, k, v, cu, max_len: _fake_fa3_varlen(q, k, v, cu, cu, max_len, max_len, True)[0])
+    bounds = [0, 12, 30, 40]
+    seg = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(np.diff(bounds)))[None]
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None]
+    cu = torch.tensor(bounds + [40, 40], dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 40, h, 8, generator=g) for h in (4, 2, 2))
+    dense = ga.packed_doc_info(seg, cu, 20, pos, pos == 0, backend="sdpa")
+    fa2 = ga.packed_doc_info(seg, cu, 20, pos, pos == 0, backend="fa2")
+    assert ga.packed_backend("cpu") == "sdpa"
+    torch.testing.assert_close(attend(q, k, v, fa2), attend(q, k, v, dense), atol=1e-5, rtol=1e-5)
+    ids = torch.where(pos == 0, BOS_ID, 5)  # the same segments, marked by BOS tokens
+    torch.testing.assert_close(attend(q, k, v, dense), _reference(ids, q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_backend_choice_on_cpu():

@@ -172,9 +172,16 @@ def test_plain_and_sliding_scores_ignore_future_tokens(model, val, stride, layou
 
 
 def small_ttt(**kw) -> ttt.TTTSettings:
-    base = dict(chunk=16, seq_len=48, batch_docs=2, lora_rank=2, lora_alpha=4.0, lr=3e-2, beta1=0.5,
-                weight_decay=0.1, pad_multiple=16, global_lr=3e-2, global_batch_seqs=4)
+    """Small settings; lora_rank 4 keeps the adapters' rows 16 bytes wide in float32, so packed passes
+    run torch._grouped_mm (segment_matmul) as on the GPU."""
+    base = dict(chunk=16, seq_len=48, batch_docs=2, lora_rank=4, lora_alpha=4.0, lr=3e-2, beta1=0.5,
+                weight_decay=0.1, pad_multiple=16, pack_bucket=32, global_lr=3e-2, global_batch_seqs=4)
     return ttt.TTTSettings(**{**base, **kw})
+
+
+ARCH_SWITCHES = [{}, {"NUM_LOOPS": 0}, {"PARALLEL_START_LAYER": -1}, {"XSA_LAST_N": 0},
+                 {"SPARSE_ATTN_GATE_ENABLED": 0}, {"SMEAR_GATE_ENABLED": 0}, {"SKIP_GATES_ENABLED": 0},
+                 {"LN_SCALE": 0}, {"PARALLEL_FINAL_LANE": "attn"}, {"DOC_ISOLATION": 0}]
 
 
 def ttt_scores(model, tokens, bytes_, s, lora=True):
@@ -195,13 +202,15 @@ def order_keys(tokens, s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return phase, doc, chunk
 
 
+@pytest.mark.parametrize("layout", ["rows", "packed"])
 @pytest.mark.parametrize("phases", [(), (2,)], ids=["lora", "phased"])
-def test_ttt_scores_ignore_tokens_scored_later(model, val, phases):
+def test_ttt_scores_ignore_tokens_scored_later(model, val, phases, layout):
     """A target's score may depend on its own document up to its chunk and, through the global passes,
     on the documents of earlier phases; changing every other token (later chunks of its document, the
-    other documents of its phase, later phases) leaves it bit for bit unchanged."""
+    other documents of its phase, later phases) leaves it bit for bit unchanged. Packed, the windows
+    of other documents share the target's row: still nothing of theirs reaches it."""
     tokens, bytes_ = val
-    s = small_ttt(phase_ends=phases)
+    s = small_ttt(phase_ends=phases, layout=layout)
     ref, _ = ttt_scores(model, tokens, bytes_, s)
     phase, doc, chunk = order_keys(tokens, s)
     rng = np.random.default_rng(len(phases))
@@ -236,6 +245,91 @@ def float64():
         yield
     finally:
         torch.set_default_dtype(default)
+
+
+def test_packed_layout_scores_like_rows(model, val):
+    """TTT_LAYOUT=packed lays a step's windows end to end in one row (varlen attention, rotary
+    positions and the smear restarting at every window, one LoRA adapter per window through
+    segment_matmul) and must score exactly what one padded row per window scores: phased, float64 at
+    a calm lr; also with every window its own pass (micro_tokens below a window) and with 8 slots."""
+    tokens, bytes_ = val
+    kw = dict(phase_ends=(2,), lr=CALM_LR, global_lr=CALM_LR)
+    with float64():
+        m64 = copy.deepcopy(model).double()
+        rows, r = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, batch_docs=4, layout="rows"))
+        assert r["layout"] == "rows"
+        for extra in (dict(batch_docs=4), dict(batch_docs=4, micro_tokens=1), dict(batch_docs=8, pack_bucket=64)):
+            packed, r = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, **extra, layout="packed"))
+            assert r["layout"] == "packed"
+            np.testing.assert_allclose(packed, rows, atol=1e-9)
+
+
+@pytest.mark.parametrize("switch", ARCH_SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "defaults")
+def test_packed_windows_score_as_if_alone(switch):
+    """The model side of packing, for the defaults and with each architecture knob switched: windows
+    packed into one row (one starting mid-document, so with no BOS to stop the smear), each with its
+    own slot's adapters (random, so every slot's delta differs), get the nats they get as rows of
+    their own."""
+    m = small_model(**switch).eval()
+    tokens = np.random.default_rng(0).integers(2, 64, 200)
+    tokens[[0, 90]] = BOS_ID
+    s = ttt.TTTSettings(chunk=8, seq_len=40, lora_rank=4, pad_multiple=8, pack_bucket=16, batch_docs=3)
+    rows = ttt._Rows(slots=np.array([0, 2]), base=np.array([30, 90]), span=np.array([36, 13]),
+                     offset=np.array([28, 5]), train=np.array([True, False]))
+    adapters = ttt.Adapters(m, s, 3, CPU)
+    with torch.no_grad():
+        for lora in adapters.loras:
+            lora.B.normal_(std=0.1)
+    off = torch.autocast("cpu", enabled=False)
+    try:
+        [(arrays, idx)] = list(ttt._packed_passes(tokens, rows, s))
+        assert arrays[1].shape == (1, 64) and (idx[2] == 0).all()  # 40 + 16 window tokens, a bucket of 16
+        with torch.no_grad():
+            got = ttt._pass(m, adapters, off, False, s.seq_len, *map(torch.from_numpy, arrays))[0]
+            for j in range(2):
+                x = torch.from_numpy(tokens[rows.base[j] : rows.base[j] + rows.span[j]][None])
+                at = torch.from_numpy(rows.offset[j] + np.arange(s.chunk))[None]
+                scored = at[0] < rows.span[j]
+                y = torch.from_numpy(tokens[idx[j] + 1])[None]
+                adapters.select(torch.tensor(rows.slots[j : j + 1]))
+                alone = ttt._nats(m, x, y[:, scored], adapters.head, off, at[:, scored])
+                torch.testing.assert_close(got[j][scored], alone[0], rtol=1e-5, atol=1e-5)
+    finally:
+        adapters.remove()
+
+
+def test_segment_matmul_is_a_matmul_per_group():
+    """segment_matmul (per-window LoRA in packed passes): torch._grouped_mm in float32 and bf16, the
+    masked fallback in float64 and for rows of other widths; values and gradients against one matmul
+    per group, with empty groups at the start, middle and end."""
+    ends = torch.tensor([0, 5, 5, 12, 20, 20], dtype=torch.int32)
+    bounds = [0] + ends.tolist()
+    for dtype, width, tol in ((torch.float32, 8, 1e-5), (torch.bfloat16, 8, 3e-2), (torch.float64, 8, 1e-12),
+                              (torch.float32, 3, 1e-5)):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(20, 8, generator=g).to(dtype).requires_grad_()
+        W = torch.randn(6, 8, width, generator=g).to(dtype).requires_grad_()
+        out = ttt.segment_matmul(x, W, ends)
+        ref = torch.cat([x[a:b].double() @ W[i].double() for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        gx, gW = torch.autograd.grad((out.double() * w).sum(), (x, W))
+        rx, rW = torch.autograd.grad((ref * w).sum(), (x, W))
+        torch.testing.assert_close(gx.double(), rx.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(gW.double(), rW.double(), rtol=tol, atol=tol)
+
+
+def test_packed_layout_is_checked():
+    with pytest.raises(ValueError, match="TTT_LAYOUT"):
+        ttt.TTTSettings(layout="padded")
+    with pytest.raises(ValueError, match="TTT_PACK_BUCKET"):
+        ttt.TTTSettings(pack_bucket=100)  # not a multiple of the pad multiple, 64
+    with pytest.raises(ValueError, match="does not support packed"):
+        ttt.packs(ttt.TTTSettings(layout="packed"), torch.nn.Linear(2, 2), CPU)
+    model = small_model()
+    assert ttt.packs(ttt.TTTSettings(layout="packed"), model, CPU)
+    assert not ttt.packs(ttt.TTTSettings(), model, CPU)  # auto: rows on CPU (a dense mask per packed row)
+    assert ttt.packs(ttt.TTTSettings(), model, torch.device("cuda"))
 
 
 def test_ttt_scores_do_not_depend_on_slots_or_passes(model, val):
@@ -281,7 +375,7 @@ def test_adapter_adamw_is_torch_adamw_per_slot(beta1):
             lora.gA[0] = grad
             lora.gA[1] = grad * 2
             ref.grad = grad.clone()
-            adapters.step(adapters.slot_mask(np.array([0, 1])))
+            adapters.step(adapters.slot_rows(np.array([0, 1, 1])))  # padded to 4 rows: 0, 1, 1, 0
             opt.step()
             torch.testing.assert_close(lora.A[0], ref, rtol=1e-5, atol=1e-6)
             assert not lora.gA.any()  # zeroed for the next chunk
@@ -290,14 +384,14 @@ def test_adapter_adamw_is_torch_adamw_per_slot(beta1):
         adapters.remove()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_ttt_steps_replayed_as_graphs_score_like_direct_steps(model, val, compiled):
+@pytest.mark.parametrize("compiled,layout", [(False, "rows"), (True, "rows"), (False, "packed"), (True, "packed")])
+def test_ttt_steps_replayed_as_graphs_score_like_direct_steps(model, val, compiled, layout):
     """TTT_CUDA_GRAPHS: steps of repeated shapes are captured and replayed (on CPU the replay re-runs the
     captured Python on the graph's static inputs, so a step that read anything but its inputs would
     score differently). Phased, so replays continue across a global pass that changes the weights;
     same scores bit for bit, same result."""
     tokens, bytes_ = val
-    kw = dict(phase_ends=(2,), compile=compiled)
+    kw = dict(phase_ends=(2,), compile=compiled, layout=layout)
     nats = []
     for graphs in (0, 2):
         lines, out = [], np.full(len(tokens) - 1, np.nan)
@@ -305,6 +399,7 @@ def test_ttt_steps_replayed_as_graphs_score_like_direct_steps(model, val, compil
                              token_nats=out, log=lines.append, backend="aot_eager")
         nats.append((out, r["val_bpb"], lines))
     (plain, bpb0, _), (replayed, bpb1, lines) = nats
+    assert not [line for line in lines if "ttt_compile_failed" in line]
     np.testing.assert_array_equal(replayed, plain)
     assert bpb1 == bpb0
     stats = [line for line in lines if line.startswith("ttt_cuda_graphs")]
@@ -323,7 +418,8 @@ class _NoHostWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_device_step_never_waits_for_the_device(model, val, monkeypatch):
+@pytest.mark.parametrize("layout", ["rows", "packed"])
+def test_the_device_step_never_waits_for_the_device(model, val, monkeypatch, layout):
     """What a CUDA graph needs of golf.ttt._step (and what keeps the GPU queue full without graphs):
     no op in it reads device data on the host. Scoring, backward and the adapters' step all run."""
     tokens, bytes_ = val
@@ -339,7 +435,7 @@ def test_the_device_step_never_waits_for_the_device(model, val, monkeypatch):
         monkeypatch.setattr(ttt, name, guarded)
     guard("_pass")
     guard("_adapter_step")
-    r = ttt.evaluate_ttt(copy.deepcopy(model), tokens, bytes_, small_ttt(), CPU)
+    r = ttt.evaluate_ttt(copy.deepcopy(model), tokens, bytes_, small_ttt(layout=layout), CPU)
     assert r["tokens"] == len(tokens) - 1
     assert calls.count("_pass") > 10 and calls.count("_adapter_step") > 10, calls
 
@@ -395,11 +491,6 @@ def test_ttt_restores_the_model(model, val):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not any(p.requires_grad for p in model.parameters()) or all(p.requires_grad for p in model.parameters())
-
-
-ARCH_SWITCHES = [{}, {"NUM_LOOPS": 0}, {"PARALLEL_START_LAYER": -1}, {"XSA_LAST_N": 0},
-                 {"SPARSE_ATTN_GATE_ENABLED": 0}, {"SMEAR_GATE_ENABLED": 0}, {"SKIP_GATES_ENABLED": 0},
-                 {"LN_SCALE": 0}, {"PARALLEL_FINAL_LANE": "attn"}, {"DOC_ISOLATION": 0}]
 
 
 @pytest.mark.parametrize("switch", ARCH_SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "defaults")

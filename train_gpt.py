@@ -612,6 +612,11 @@ def main(recipe: Recipe = Recipe()) -> None:
     accum = grad_accum_steps(cfg, info.world_size)
     if cfg.parallel_final_lane not in ("mean", "attn", "mlp"):
         raise KnobError(f"PARALLEL_FINAL_LANE={cfg.parallel_final_lane!r}: expected mean, attn or mlp")
+    if cfg.ttt_enabled:  # TTT's settings are checked now, not after the whole training run
+        try:
+            ttt_settings(cfg, 1, device)
+        except ValueError as e:
+            raise KnobError(str(e)) from None
     use_compile = cuda if cfg.compile is None else cfg.compile
     run_id = cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     log_dir = Path(cfg.log_dir)

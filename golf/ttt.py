@@ -2,8 +2,10 @@
 
 Legality by construction: a chunk of a document is scored (its losses enter the meter) before any
 optimizer step uses it, adapters start fresh for every batch of documents, and the global SGD pass
-only ever trains on documents that are already scored. Each document is its own row: its context is
-its own prefix (up to `seq_len` tokens), never another document.
+only ever trains on documents that are already scored. Each document is its own sequence: its context
+is its own prefix (up to `seq_len` tokens), never another document, whether its window has a row of
+its own or shares a packed row with other windows (attention, rotary positions, the smear and the
+adapters all restart at every window; see _packed_passes).
 
 Documents. Document i covers inputs tokens[start_i:end_i] and targets tokens[start_i+1:end_i+1], with
 end_i the next BOS (whose prediction ends document i) or the end of the stream, so the documents'

@@ -80,6 +80,12 @@ def test_misspelt_flex_kernel_option_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "FLEX_KERNEL_OPTIONS: 'fwd_BLOCKM=64' is not name=value" in out.stderr
 
 
+def test_bad_ttt_setting_fails_before_training(tmp_path):
+    out = run_trainer(tmp_path, check=False, TTT_ENABLED="1", TTT_LAYOUT="padded", ITERATIONS="1")
+    assert out.returncode != 0 and "TTT_LAYOUT='padded': expected one of auto, packed, rows" in out.stderr
+    assert "step:" not in out.stdout + out.stderr  # refused before the first step
+
+
 def test_research_trainer_runs_the_same_stack(tmp_path):
     run_trainer(tmp_path, script="train_gpt_v2.py", ITERATIONS="2", VAL_LOSS_EVERY="0")
     assert summary(tmp_path)["steps"] == 2

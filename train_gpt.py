@@ -171,6 +171,7 @@ KNOBS = (
     Knob("GLOBAL_TTT_EPOCHS", int, 1, "epochs of each global pass over the scored documents"),
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
+    Knob("GLOBAL_TTT_MICRO_BATCH_TOKENS", int, 16384, "most tokens per global-pass forward/backward (exact; it also holds weight gradients and logits beside TTT's graphs)"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
     Knob("TTT_LAYOUT", str, "auto", "TTT passes: packed (a step's windows end to end, varlen attention), rows (one padded row each), auto (packed on CUDA)"),
     Knob("TTT_PACK_BUCKET", int, 4096, "packed TTT passes are padded to a multiple of this many tokens, of a quarter of it below it (few shapes: few graphs)"),
@@ -952,6 +953,7 @@ def ttt_settings(cfg, n_docs: int, device: torch.device) -> TTTSettings:
         phase_ends=phase_ends(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases, n_docs),
         global_lr=cfg.global_ttt_lr, global_momentum=cfg.global_ttt_momentum, global_epochs=cfg.global_ttt_epochs,
         global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip,
+        global_micro_tokens=cfg.global_ttt_micro_batch_tokens,
         micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed, layout=cfg.ttt_layout, pack_bucket=cfg.ttt_pack_bucket,
         graphs=cfg.ttt_cuda_graphs if device.type == "cuda" else 0,  # on CPU a replay is no faster
         compile=device.type == "cuda" if cfg.ttt_compile is None else cfg.ttt_compile)

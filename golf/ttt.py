@@ -71,6 +71,7 @@ class TTTSettings:
     global_momentum: float = 0.9
     global_epochs: int = 1
     global_batch_seqs: int = 32
+    global_micro_tokens: int = 16384  # most tokens per forward/backward of the global pass (exact: accumulated)
     global_grad_clip: float = 1.0
     pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
     micro_tokens: int = 65536  # most window tokens per forward/backward; a step's rows split into passes
@@ -685,7 +686,7 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
             opt.zero_grad(set_to_none=False)
             count = torch.zeros((), device=device, dtype=torch.float64)
             width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
-            per_pass = max(1, s.micro_tokens // width)
+            per_pass = max(1, s.global_micro_tokens // width)
             for g0 in range(0, len(mine), per_pass):
                 x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
                 mask = _to_device(valid, device)

@@ -343,7 +343,7 @@ def test_ttt_scores_do_not_depend_on_slots_or_passes(model, val):
     with float64():
         m64 = copy.deepcopy(model).double()
         whole, _ = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, batch_docs=4))
-        split, _ = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, batch_docs=4, micro_tokens=1))
+        split, _ = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, batch_docs=4, micro_tokens=1, global_micro_tokens=1))
         alone, _ = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, batch_docs=1))
     for other in (split, alone):
         np.testing.assert_allclose(other, whole, atol=1e-3)

@@ -231,13 +231,20 @@ def attention_variant(cfg) -> Variant:
     return Variant(cfg.attn_window, cfg.attn_sinks, cfg.pos_encoding == "alibi")
 
 
+class NoRotary(nn.Identity):
+    """Positions without rotary embedding (ALiBi, learned, none): takes the rotary's arguments, rotates nothing."""
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
 class AttentionV2(tg.Attention):
     """The record attention with another position encoding, a window, sinks or a per-channel gate."""
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
         if cfg.pos_encoding != "rope":
-            self.rotary = tg.PartialRotary(self.head_dim, 0, cfg.rope_base)  # rotates no channels
+            self.rotary = NoRotary()
         self.variant = attention_variant(cfg)
         if self.variant.alibi:
             self.register_buffer("alibi_slopes", alibi_slopes(self.heads), persistent=False)

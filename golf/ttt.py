@@ -492,8 +492,9 @@ def _packed_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings):
     """The packed layout: the windows (each padded to the pad multiple) laid end to end in one row per
     pass, widest first, up to s.micro_tokens window tokens a pass (a wider window alone); the row is
     padded to a multiple of s.pack_bucket (of a quarter of it when shorter), so passes take few shapes
-    and no work goes to padding rows out to the widest window. Attention stays inside each window (varlen), each window's rotary
-    positions start at 0, and each window trains its own slot's adapter (segment_matmul)."""
+    and no work goes to padding rows out to the widest window. Attention stays inside each window
+    (varlen), each window's rotary positions start at 0, and each window trains its own slot's adapter
+    (segment_matmul)."""
     width = rows.width(s)
     groups, used = [[]], 0
     for r in np.argsort(-width, kind="stable"):
@@ -515,8 +516,8 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     n, G = len(sel), s.batch_docs
     first = np.concatenate(([0], np.cumsum(width)))  # window j holds positions first[j]..first[j + 1]
     used = int(first[-1])
-    # T: a multiple of pack_bucket, or up to it of a quarter of it, so that the last steps of a phase
-    # (a long document's 2048-token window alone) pay little padding
+    # T: a multiple of pack_bucket, or up to it of a quarter of it: the last steps of a phase (a long
+    # document's window alone) compute less padding (on an H100 no faster: those steps wait on latency)
     step = s.pack_bucket if used > s.pack_bucket else max(s.pad_multiple, s.pack_bucket // 4)
     T = -(-used // step) * step
     tail = np.arange(T - used)
@@ -532,7 +533,8 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     ends = np.full(G, T, dtype=np.int32)
     ends[: n - 1] = first[1:n]
     at_w, scored_w = rows.chunk(s, sel)
-    at, scored, idx = np.zeros((G, s.chunk), dtype=np.int64), np.zeros((G, s.chunk), dtype=bool), np.zeros((G, s.chunk), dtype=np.int64)
+    at, idx = np.zeros((G, s.chunk), dtype=np.int64), np.zeros((G, s.chunk), dtype=np.int64)
+    scored = np.zeros((G, s.chunk), dtype=bool)
     at[:n], scored[:n] = np.where(scored_w, first[:n, None] + at_w, 0), scored_w
     idx[:n] = rows.base[sel][:, None] + at_w  # input positions; their targets are idx + 1
     y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)

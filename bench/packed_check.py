@@ -16,19 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from golf.attention import _flash2_varlen  # noqa: E402
 from golf.ttt import segment_matmul  # noqa: E402
-
-
-def timed(fn, reps: int = 20) -> float:
-    """Milliseconds per call (CUDA events, after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from flex_tune import timed  # noqa: E402  (bench/ is the script's own directory)
 
 
 def windows(total: int, seed: int) -> np.ndarray:
@@ -74,8 +62,8 @@ def main() -> None:
     def padded_fb():
         o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
         o.backward(dp)
-    print(f"time attention fwd+bwd packed fa2 {timed(fa2_fb):.3f} ms ({T} tokens) | padded rows cudnn "
-          f"{timed(padded_fb):.3f} ms ({rows}x{W} = {rows * W} tokens)", flush=True)
+    print(f"time attention fwd+bwd packed fa2 {timed(fa2_fb, 20):.3f} ms ({T} tokens) | padded rows cudnn "
+          f"{timed(padded_fb, 20):.3f} ms ({rows}x{W} = {rows * W} tokens)", flush=True)
     for rep in (1, 2):  # cuDNN's varlen (nested-tensor) path: grouped-query heads as they are, then repeated
         try:
             kk, vv = (t.detach().repeat_interleave(rep, 1).requires_grad_() for t in (k, v))
@@ -90,7 +78,7 @@ def main() -> None:
             dq, dk, dv = cudnn_fb()
             errs = [(o[0].float() - out.float()).abs().max().item(), (dq.float() - grads[0].float()).abs().max().item()]
             print(f"check cudnn_varlen kv_repeat:{rep} max_err out/dq vs fa2:{errs[0]:.3g}/{errs[1]:.3g} "
-                  f"lse:{tuple(o[1].shape)} time fwd+bwd {timed(cudnn_fb):.3f} ms", flush=True)
+                  f"lse:{tuple(o[1].shape)} time fwd+bwd {timed(cudnn_fb, 20):.3f} ms", flush=True)
         except Exception as e:  # noqa: BLE001 - a probe: report what the kernel refused
             print(f"check cudnn_varlen kv_repeat:{rep} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
 
@@ -125,8 +113,8 @@ def main() -> None:
 
     def bmm_fb():
         ((xp @ Ap) @ Bp).backward(dyp)
-    print(f"time lora 512->96->2048 fwd+bwd packed grouped_mm {timed(grouped_fb):.3f} ms | padded rows bmm "
-          f"{timed(bmm_fb):.3f} ms", flush=True)
+    print(f"time lora 512->96->2048 fwd+bwd packed grouped_mm {timed(grouped_fb, 20):.3f} ms | padded rows bmm "
+          f"{timed(bmm_fb, 20):.3f} ms", flush=True)
 
     # both under torch.compile with dynamic shapes, at two packed lengths
     @torch.compile(dynamic=True, fullgraph=True)

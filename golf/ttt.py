@@ -692,7 +692,10 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
             mine = np.array(batch[slice(*rank_range(len(batch), rank, world))], dtype=np.int64).reshape(-1, 2)
             opt.zero_grad(set_to_none=False)
             count = torch.zeros((), device=device, dtype=torch.float64)
-            width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
+            # widths in a few buckets (powers of two): eager attention plans kernels per new shape on
+            # first use (cuDNN's SDPA), and exact widths made almost every batch a new shape
+            longest = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
+            width = min(s.seq_len, max(s.pad_multiple, 1 << (longest - 1).bit_length()))
             per_pass = max(1, s.global_micro_tokens // width)
             for g0 in range(0, len(mine), per_pass):
                 x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
@@ -761,14 +764,16 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                         adapters.enable(False)
                     # eager: the pass is one forward/backward per scored token, a small part of TTT's time,
                     # and compiled it would need its own graphs (trainable base weights, adapters off)
-                    regions, model.regions = model.regions, None
+                    regions, model.regions, g0 = model.regions, None, time.perf_counter()
                     global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
+                    if device.type == "cuda":  # its seconds in the log are the GPU's too
+                        torch.cuda.synchronize(device)
                     model.regions = regions
                     if adapters is not None:
                         adapters.enable(True)
                     if log:
                         log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
-                            f"elapsed:{time.perf_counter() - t0:.1f}s")
+                            f"global_sgd_seconds:{time.perf_counter() - g0:.1f} elapsed:{time.perf_counter() - t0:.1f}s")
             if log and graphs is not None:
                 log(f"ttt_cuda_graphs {graphs.stats()}")
         finally:

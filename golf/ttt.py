@@ -512,12 +512,13 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     (the unused ones unscored, weight 0) and `at` indexing into the packed row; then segment ids
     [1, T], cu_seqlens (fixed length for a G), positions [1, T], sequence starts [1, T] and the LoRA
     rows' ends [G]. The padding after the last window forms segments of at most seq_len tokens (the
-    varlen kernels' longest), all of them in the last window's LoRA row. G is the windows' count up
-    to a power of two (at least 2: Dynamo specialises sizes of 1), not every slot: a pass gathers,
-    multiplies and stores the LoRA weights of all its G rows, and on an H100 64 of them cost about
-    13 ms of a lone long document's 24 ms steps."""
+    varlen kernels' longest), all of them in the last window's LoRA row. G is every slot, or 2 (Dynamo
+    specialises sizes of 1) for a pass of one or two windows: a pass gathers, multiplies and stores
+    the LoRA weights of all its G rows, which cost about 13 ms of a lone long document's 24 ms steps
+    at 64 rows on an H100. Full passes measured no faster with fewer rows (64 windows of 2048 tokens
+    in passes of 32: 164 ms of kernel time a step at G 32, 162 at 64), and every G adds graph keys."""
     n = len(sel)
-    G = min(max(2, 1 << (n - 1).bit_length()), max(2, s.batch_docs))
+    G = 2 if n <= 2 else max(2, s.batch_docs)
     first = np.concatenate(([0], np.cumsum(width)))  # window j holds positions first[j]..first[j + 1]
     used = int(first[-1])
     # T: a multiple of pack_bucket, or up to it of a quarter of it: the last steps of a phase (a long
@@ -698,7 +699,11 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
             width = min(s.seq_len, max(s.pad_multiple, 1 << (longest - 1).bit_length()))
             per_pass = max(1, s.global_micro_tokens // width)
             for g0 in range(0, len(mine), per_pass):
-                x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
+                part = mine[g0 : g0 + per_pass]
+                # rows also a power of two: empty pieces (start = end) pad them, their targets masked
+                rows = min(per_pass, 1 << (len(part) - 1).bit_length())
+                part = np.concatenate((part, np.repeat(part[:1, [0, 0]], rows - len(part), axis=0)))
+                x, y, valid, _ = _rows(tokens, part, 0, s.seq_len, width)
                 mask = _to_device(valid, device)
                 nats = _nats(model, _to_device(x, device), _to_device(y, device), None, autocast)
                 (nats * mask).sum().backward()

@@ -515,8 +515,9 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     varlen kernels' longest), all of them in the last window's LoRA row. G is every slot, or 2 (Dynamo
     specialises sizes of 1) for a pass of one or two windows: a pass gathers, multiplies and stores
     the LoRA weights of all its G rows, which cost about 13 ms of a lone long document's 24 ms steps
-    at 64 rows on an H100. Full passes measured no faster with fewer rows (64 windows of 2048 tokens
-    in passes of 32: 164 ms of kernel time a step at G 32, 162 at 64), and every G adds graph keys."""
+    at 64 rows on an H100. Full passes gained nothing measurable from fewer rows (64 windows of 2048
+    tokens in passes of 32: 164 ms of kernel time a step at G 32, 162 at 64 on another machine), and
+    each G is a graph key of its own (G up to a power of two: 50 graphs in a phased run, against 28)."""
     n = len(sel)
     G = 2 if n <= 2 else max(2, s.batch_docs)
     first = np.concatenate(([0], np.cumsum(width)))  # window j holds positions first[j]..first[j + 1]
@@ -693,17 +694,10 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
             mine = np.array(batch[slice(*rank_range(len(batch), rank, world))], dtype=np.int64).reshape(-1, 2)
             opt.zero_grad(set_to_none=False)
             count = torch.zeros((), device=device, dtype=torch.float64)
-            # widths in a few buckets (powers of two): eager attention plans kernels per new shape on
-            # first use (cuDNN's SDPA), and exact widths made almost every batch a new shape
-            longest = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
-            width = min(s.seq_len, max(s.pad_multiple, 1 << (longest - 1).bit_length()))
+            width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
             per_pass = max(1, s.global_micro_tokens // width)
             for g0 in range(0, len(mine), per_pass):
-                part = mine[g0 : g0 + per_pass]
-                # rows also a power of two: empty pieces (start = end) pad them, their targets masked
-                rows = min(per_pass, 1 << (len(part) - 1).bit_length())
-                part = np.concatenate((part, np.repeat(part[:1, [0, 0]], rows - len(part), axis=0)))
-                x, y, valid, _ = _rows(tokens, part, 0, s.seq_len, width)
+                x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
                 mask = _to_device(valid, device)
                 nats = _nats(model, _to_device(x, device), _to_device(y, device), None, autocast)
                 (nats * mask).sum().backward()

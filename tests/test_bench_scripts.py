@@ -49,3 +49,15 @@ def test_ttt_schedule_counts_steps_and_replays():
     assert m, out.stdout
     steps, captures, replays = map(int, m.groups())
     assert steps > 0 and replays > 0 and captures >= 1
+
+
+def test_global_pass_probe_times_each_round_and_profiles():
+    """bench/global_pass_probe.py on the sample val stream, tiny model: a line per round and boundary,
+    then the profile of one pass."""
+    out = subprocess.run([sys.executable, "bench/global_pass_probe.py", "--val",
+                          str(ROOT / "data/sample/datasets/fineweb10B_sp1024/fineweb_val_*.bin"), "--ends", "2,3"],
+                         cwd=ROOT, env=clean_env(TTT_EVAL_SEQ_LEN="64"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rounds = re.findall(r"^global_pass round:(\w+) docs:(\d+) pieces:\d+ tokens:\d+ seconds:[0-9.]+$", out.stdout, re.M)
+    assert rounds == [(r, n) for r in ("cold", "warm", "no_cudnn_sdpa") for n in ("2", "3")], out.stdout
+    assert re.search(r"^profile global_pass_3: wall [0-9.]+ ms/step", out.stdout, re.M)

@@ -319,6 +319,21 @@ def test_segment_matmul_is_a_matmul_per_group():
         torch.testing.assert_close(gW.double(), rW.double(), rtol=tol, atol=tol)
 
 
+def test_packed_pass_lora_rows():
+    """A packed pass of one or two windows carries 2 LoRA rows (a long document's chain gathers and
+    stores no idle slots), a larger one every slot; rows past the windows are empty and unscored."""
+    tokens = np.arange(4000) % 50 + 2
+    s = ttt.TTTSettings(chunk=8, seq_len=40, lora_rank=4, pad_multiple=8, pack_bucket=16, batch_docs=6)
+    for n, G in ((1, 2), (2, 2), (3, 6), (6, 6)):
+        rows = ttt._Rows(slots=np.arange(n), base=100 * np.arange(n), span=np.full(n, 40), offset=np.full(n, 32),
+                         train=np.ones(n, dtype=bool))
+        [(arrays, _)] = list(ttt._packed_passes(tokens, rows, s))
+        slots, scored, ends = arrays[0], arrays[4], arrays[10]
+        assert len(slots) == G and len(ends) == G and scored.shape == (G, s.chunk)
+        assert scored[:n].all() and not scored[n:].any()
+        assert (ends[n - 1 :] == arrays[1].shape[1]).all()  # the rows after the last window hold no tokens
+
+
 def test_packed_layout_is_checked():
     with pytest.raises(ValueError, match="TTT_LAYOUT"):
         ttt.TTTSettings(layout="padded")

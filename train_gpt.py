@@ -990,7 +990,7 @@ def final_stages(cfg, model, val_tokens, byte_counts, validate, autocast, device
         stages["ttt"] = {"val_loss": r["val_loss"], "val_bpb": r["val_bpb"], "eval_time_s": r["seconds"],
                          "compile_warmup_s": r["compile_seconds"],
                          "tokens": r["tokens"], "phase_ends": r["phase_ends"], "peak_memory_mib": peak,
-                         "cuda_graphs": r["cuda_graphs"], "layout": r["layout"]}
+                         "phases": r["phases"], "cuda_graphs": r["cuda_graphs"], "layout": r["layout"]}
     return stages
 
 

@@ -723,7 +723,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     """Score-first TTT over the whole stream. `lora=False` scores without adapters (phases still run).
     The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (all of
     it, the compile warmup of `s.compile` included), compile_seconds (that warmup), docs, phase_ends,
-    cuda_graphs (StepGraphs.summary() with `s.graphs`, else None), layout (packed or rows);
+    phases (per phase: its docs on all ranks, this rank's scored tokens, scoring_s, global_s: its
+    global pass, None for the last), cuda_graphs (StepGraphs.summary() with `s.graphs`, else None), layout (packed or rows);
     `backend` is torch.compile's, for tests."""
     global _CALLS
     _CALLS += 1
@@ -745,9 +746,10 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                     log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
             # after the warm-up: its steps would be captured with throwaway shapes
             graphs = StepGraphs(device, s.graphs) if s.graphs > 0 and adapters is not None else None
-            done = []
+            done, timings = [], []
             for k, order in enumerate(phases):
                 counter, last = _Counter(len(order), f"ttt_{call}_phase_{k}"), [time.perf_counter()]
+                p0, before = last[0], scored
 
                 def progress(steps, taken, tokens_done, k=k, n=len(order)):
                     if log and time.perf_counter() - last[0] >= 30:
@@ -757,22 +759,28 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
 
                 scored += score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
                                      token_nats, counter.take, progress, graphs)
+                if device.type == "cuda":  # the phases' seconds are the GPU's too
+                    torch.cuda.synchronize(device)
                 done.extend(order.tolist())
+                timings.append({"docs": len(order), "tokens": scored - before, "scoring_s": time.perf_counter() - p0,
+                                "global_s": None})
                 if k < len(phases) - 1:
                     if adapters is not None:
                         adapters.enable(False)
-                    # eager: the pass is one forward/backward per scored token, a small part of TTT's time,
-                    # and compiled it would need its own graphs (trainable base weights, adapters off)
+                    # eager: compiled it would need graphs of its own (trainable base weights, adapters
+                    # off); on an H100 it launches ~60k kernels for 81 documents (bench/global_pass_probe.py)
                     regions, model.regions, g0 = model.regions, None, time.perf_counter()
                     global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
-                    if device.type == "cuda":  # its seconds in the log are the GPU's too
+                    if device.type == "cuda":
                         torch.cuda.synchronize(device)
+                    timings[-1]["global_s"] = time.perf_counter() - g0
                     model.regions = regions
                     if adapters is not None:
                         adapters.enable(True)
                     if log:
-                        log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} global_sgd_done "
-                            f"global_sgd_seconds:{time.perf_counter() - g0:.1f} elapsed:{time.perf_counter() - t0:.1f}s")
+                        log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} "
+                            f"scoring_seconds:{timings[-1]['scoring_s']:.1f} global_sgd_seconds:{timings[-1]['global_s']:.1f} "
+                            f"elapsed:{time.perf_counter() - t0:.1f}s")
             if log and graphs is not None:
                 log(f"ttt_cuda_graphs {graphs.stats()}")
         finally:
@@ -784,4 +792,4 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     return {"val_loss": loss, "val_bpb": bpb, "tokens": meter.tokens, "seconds": time.perf_counter() - t0,
             "layout": "packed" if packs(s, model, device) else "rows",
             "compile_seconds": compile_seconds, "docs": len(docs), "phase_ends": list(s.phase_ends),
-            "cuda_graphs": graphs.summary() if graphs is not None else None}
+            "phases": timings, "cuda_graphs": graphs.summary() if graphs is not None else None}

@@ -502,7 +502,11 @@ def test_compiled_ttt_scores_like_eager(model, val):
 def test_ttt_restores_the_model(model, val):
     tokens, bytes_ = val
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ttt_scores(model, tokens, bytes_, small_ttt(phase_ends=(1, 2)))
+    _, r = ttt_scores(model, tokens, bytes_, small_ttt(phase_ends=(1, 2)))
+    # the phases' timings: a global pass after each but the last, their tokens all of the run's
+    assert [p["docs"] for p in r["phases"]] == [1, 1, r["docs"] - 2]
+    assert [p["global_s"] is None for p in r["phases"]] == [False, False, True]
+    assert sum(p["tokens"] for p in r["phases"]) == r["tokens"] and all(p["scoring_s"] > 0 for p in r["phases"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not any(p.requires_grad for p in model.parameters()) or all(p.requires_grad for p in model.parameters())

@@ -650,3 +650,20 @@ def test_ttt_falls_back_to_eager_when_compile_fails(model, val):
     r = ttt.evaluate_ttt(model, tokens, bytes_, small_ttt(compile=True), CPU, backend=failing_backend, log=logs.append)
     assert r["val_bpb"] == eager["val_bpb"] and model.regions is None
     assert any(line.startswith("ttt_compile_failed: ") and "TTT runs eager" in line for line in logs), logs
+
+
+def test_phase_documents_are_dealt_over_ranks():
+    """Longest first, dealt: each of 4 ranks' first takes (16 slots) holds every 4th of the phase's
+    longest documents, not the first rank the 16 longest; one rank keeps plain longest-first order;
+    a phase smaller than the ranks' slots spreads as evenly."""
+    lengths = np.arange(1, 101)[np.random.default_rng(0).permutation(100)]
+    docs = np.stack((np.r_[0, np.cumsum(lengths)[:-1]], np.cumsum(lengths)), 1)
+    s = ttt.TTTSettings(batch_docs=16)
+    [one] = ttt.plan(docs, s)
+    assert (np.diff(lengths[one]) <= 0).all()
+    [four] = ttt.plan(docs, s, world=4)
+    assert sorted(four) == list(range(100)) and (four[64:] == one[64:]).all()
+    firsts = [lengths[four[16 * r : 16 * r + 16]].sum() for r in range(4)]
+    assert max(firsts) - min(firsts) <= 3 * 16  # each rank one of every four in turn
+    assert lengths[one[:16]].sum() > 1.3 * max(firsts)
+    np.testing.assert_array_equal(ttt.deal(10, 4, 16), [0, 4, 8, 1, 5, 9, 2, 6, 3, 7])

@@ -741,8 +741,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     The model's weights are restored afterwards. Returns val_loss, val_bpb, tokens, seconds (all of
     it, the compile warmup of `s.compile` included), compile_seconds (that warmup), docs, phase_ends,
     phases (per phase: its docs on all ranks, this rank's scored tokens, scoring_s, global_s: its
-    global pass, None for the last), cuda_graphs (StepGraphs.summary() with `s.graphs`, else None), layout (packed or rows);
-    `backend` is torch.compile's, for tests."""
+    global pass, None for the last), cuda_graphs (StepGraphs.summary() with `s.graphs`, else None),
+    layout (packed or rows); `backend` is torch.compile's, for tests."""
     global _CALLS
     _CALLS += 1
     call = _CALLS  # store keys unique per call; every rank calls in the same order
@@ -796,8 +796,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                         adapters.enable(True)
                     if log:
                         log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} "
-                            f"scoring_seconds:{timings[-1]['scoring_s']:.1f} global_sgd_seconds:{timings[-1]['global_s']:.1f} "
-                            f"elapsed:{time.perf_counter() - t0:.1f}s")
+                            f"scoring_seconds:{timings[-1]['scoring_s']:.1f} "
+                            f"global_sgd_seconds:{timings[-1]['global_s']:.1f} elapsed:{time.perf_counter() - t0:.1f}s")
             if log and graphs is not None:
                 log(f"ttt_cuda_graphs {graphs.stats()}")
         finally:

@@ -54,6 +54,13 @@ def setup(timeout_s: float = 300.0) -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum or max); a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():

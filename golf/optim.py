@@ -54,6 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from golf.dist import rank_and_world
+
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one minimax-optimal (a, b, c)
 # per iteration of X <- a X + (b A + c A^2) X, A = X X^T, computed for 5 iterations with safety factor
 # 2e-2 and cushion 2. Values as published in karpathy/nanochat nanochat/optims.py and modded-nanogpt,
@@ -129,10 +131,6 @@ def _all_gather(out: Tensor, inp: Tensor):
     return fn(out, inp, async_op=True)
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _copy_grads(dst: list[Tensor], grads: list[Tensor | None]) -> None:
     """dst[i] <- grads[i], zero where a parameter has no grad (keeps the collectives identical)."""
     have = [(d, g) for d, g in zip(dst, grads) if g is not None]
@@ -170,7 +168,7 @@ class OptimizerSet:
 
     def __init__(self, matrices: list[tuple[str, Tensor]], embeds: list[tuple[str, Tensor]],
                  scalars: list[tuple[str, Tensor]], hp, compile: bool = False, matrix_optimizer=None):
-        self.world = _world_size()
+        self.world = rank_and_world()[1]
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.matrix_lr, self.muon_wd = float(hp.matrix_lr), float(hp.muon_wd)
         self.backend_steps, self.row_norm = int(hp.muon_backend_steps), bool(hp.muon_row_normalize)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from golf.attention import doc_boundaries, packed_doc_info
 from golf.bpb import BpbMeter
-from golf.dist import all_reduce_
+from golf.dist import all_reduce_, rank_and_world
 from golf.evaluate import rank_range
 from golf.step_graphs import StepGraphs
 
@@ -701,8 +701,7 @@ def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
     pieces = [(a, min(a + s.seq_len, e)) for a, e in docs.tolist() for a in range(a, e, s.seq_len)]
     params = [p for p in model.parameters() if p.is_floating_point()]
     opt = torch.optim.SGD(params, lr=s.global_lr, momentum=s.global_momentum)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank, world = rank_and_world()
     for p in params:
         p.requires_grad_(True)
     for _ in range(s.global_epochs):
@@ -749,7 +748,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
     autocast = autocast or torch.autocast(device_type=device.type, enabled=False)
     t0 = time.perf_counter()
     docs = split_documents(tokens)
-    phases = plan(docs, s, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    phases = plan(docs, s, rank_and_world()[1])
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with _frozen(model):
         meter, scored = BpbMeter(device), 0

@@ -182,13 +182,23 @@ class BatchedLoRA(nn.Module):
         if rows is not None:
             self.a, self.b = self.A[rows].requires_grad_(grad), self.B[rows].requires_grad_(grad)
 
+    def load_every_slot(self, grad: bool, ends: torch.Tensor | None = None) -> None:
+        """A pass whose row g is slot g: it reads A and B in place (no gathered copies), and with
+        `grad` its leaves carry gA, gB as their gradients, so backward adds into those buffers directly
+        (autograd accumulates into an existing .grad in place; nothing is left for `store`)."""
+        self.rows, self.ends = None, ends
+        self.a, self.b = self.A.detach().requires_grad_(grad), self.B.detach().requires_grad_(grad)
+        if grad:
+            self.a.grad, self.b.grad = self.gA, self.gB
+
     def store(self) -> None:
         """Adds the current pass's gradients into the slots' rows of gA, gB (a slot listed twice adds
-        both of its rows' gradients, as autograd would)."""
+        both of its rows' gradients, as autograd would); after load_every_slot they are there already."""
         with torch.no_grad():
             for leaf, G in ((self.a, self.gA), (self.b, self.gB)):
                 if leaf is not None and leaf.grad is not None:
-                    G.index_add_(0, self.rows, leaf.grad)
+                    if self.rows is not None:
+                        G.index_add_(0, self.rows, leaf.grad)
                     leaf.grad = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +253,10 @@ class Adapters:
             else:
                 self.hooks.append(module.register_forward_hook(_add_delta(lora)))
         self.init = init.to(device)
-        self.adamw = torch.compile(_row_adamw, dynamic=True, fullgraph=True, backend=backend) if backend else _row_adamw
+        self.compiled = backend is not None
+        self.row_adamw, self.masked_adamw = (
+            torch.compile(f, dynamic=True, fullgraph=True, backend=backend) if backend else f
+            for f in (_row_adamw, _masked_adamw))
         self.reset()
 
     def reset(self, slots: np.ndarray | None = None) -> None:
@@ -271,21 +284,40 @@ class Adapters:
         Their gradients are zeroed for the next chunk (the others have none: rows that do not train
         add zero gradients, and a slot's next document starts from reset)."""
         s = self.s
-        n = self.P.shape[1]
-        cols = n if self.adamw is not _row_adamw else max(1, 2**24 // rows.shape[0])  # eager: bounded temporaries
+        slots, n = self.P.shape
+        # more than half the slots: one in-place pass over every row, masked, moves less memory than
+        # gathering the rows and scattering them back (on an H100 at 64 slots: 2 kernels, 7.7 ms)
+        masked = 2 * rows.shape[0] > slots
+        cols = n if self.compiled else max(1, 2**24 // (slots if masked else rows.shape[0]))  # eager: bounded temporaries
         with torch.no_grad():
-            t = self.t[rows] + 1
+            if masked:
+                on = torch.zeros(slots, 1, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+                t = self.t[:, None] + on
+            else:
+                t = self.t[rows] + 1
             for c in range(0, n, cols):
                 part = slice(c, c + cols)
-                self.adamw(self.P[:, part], self.G[:, part], None if self.M is None else self.M[:, part],
-                           self.V[:, part], t[:, None], rows, s.lr, s.beta1, s.beta2, s.weight_decay)
-            self.t.index_copy_(0, rows, t)
+                args = (self.P[:, part], self.G[:, part], None if self.M is None else self.M[:, part], self.V[:, part])
+                if masked:
+                    self.masked_adamw(*args, t, on, s.lr, s.beta1, s.beta2, s.weight_decay)
+                else:
+                    self.row_adamw(*args, t[:, None], rows, s.lr, s.beta1, s.beta2, s.weight_decay)
+            if masked:
+                self.t.copy_(t[:, 0])
+            else:
+                self.t.index_copy_(0, rows, t)
 
-    def select(self, rows: torch.Tensor | None, grad: bool = False, ends: torch.Tensor | None = None) -> None:
-        """The slots of the next pass's rows (None: all slots, in order), trained if `grad`; `ends`:
-        the pass is packed and row i's tokens end at ends[i] (the head's rows are never packed)."""
+    def select(self, rows: torch.Tensor | None, grad: bool = False, ends: torch.Tensor | None = None,
+               every_slot: bool = False) -> None:
+        """The slots of the next pass's rows (None: all slots, in order, untrained; `every_slot`: row g
+        is slot g, trained in place if `grad`), trained if `grad`; `ends`: the pass is packed and row
+        i's tokens end at ends[i] (the head's rows are never packed)."""
         for lora in self.loras:
-            lora.load(rows, grad, None if lora is self.head else ends)
+            part = None if lora is self.head else ends
+            if every_slot:
+                lora.load_every_slot(grad, part)
+            else:
+                lora.load(rows, grad, part)
 
     def store_grads(self) -> None:
         """After a pass's backward: its gradients into G at its slots."""
@@ -315,6 +347,22 @@ def _row_adamw(P, G, M, V, t, rows, lr: float, beta1: float, beta2: float, weigh
     if M is not None:
         M.index_copy_(0, rows, m)
     G.index_fill_(0, rows, 0)
+
+
+def _masked_adamw(P, G, M, V, t, on, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float = 1e-8):
+    """_row_adamw's step on the rows of P where `on` [S, 1] is set, in place over all rows; t [S, 1]:
+    the rows' step counts, this step's where `on`. Every row of G is zeroed: rows not stepped hold no
+    gradient (they did not train this chunk). Compiled, one kernel reads and writes each buffer once."""
+    m = G if M is None else torch.lerp(M, G, 1 - beta1)
+    v = V * beta2 + G * G * (1 - beta2)
+    t = t.clamp_min(1)  # rows never stepped have t = 0: their (discarded) update must not divide by 0
+    bc1 = 1 - torch.pow(beta1, t)
+    bc2 = 1 - torch.pow(beta2, t)
+    P.copy_(torch.where(on, P * (1 - lr * weight_decay) - (lr / bc1) * m / (v.sqrt() / bc2.sqrt() + eps), P))
+    V.copy_(torch.where(on, v, V))
+    if M is not None:
+        M.copy_(torch.where(on, m, M))
+    G.zero_()
 
 
 def _add_delta(lora: BatchedLoRA):
@@ -429,8 +477,9 @@ def _pass(model, adapters: Adapters | None, autocast, backward: bool, seq_len: i
     # compiled regions: always with grad (a pass without training skips its backward), so no
     # separate no-grad graphs are compiled for it
     grad = backward or (adapters is not None and model.regions is not None)
-    if adapters is not None:
-        adapters.select(slots, grad, packed[4] if packed else None)
+    if adapters is not None:  # a packed pass of every slot has them in slot order (_pack)
+        adapters.select(slots, grad, packed[4] if packed else None,
+                        every_slot=bool(packed) and slots.shape[0] == adapters.P.shape[0])
     with torch.set_grad_enabled(grad):
         nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at,
                      (packed[0], packed[1], seq_len, packed[2], packed[3]) if packed else None)
@@ -529,14 +578,21 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     (the unused ones unscored, weight 0) and `at` indexing into the packed row; then segment ids
     [1, T], cu_seqlens (fixed length for a G), positions [1, T], sequence starts [1, T] and the LoRA
     rows' ends [G]. The padding after the last window forms segments of at most seq_len tokens (the
-    varlen kernels' longest), all of them in the last window's LoRA row. G is every slot, or 2 (Dynamo
-    specialises sizes of 1) for a pass of one or two windows: a pass gathers, multiplies and stores
-    the LoRA weights of all its G rows, which cost about 13 ms of a lone long document's 24 ms steps
-    at 64 rows on an H100. Full passes gained nothing measurable from fewer rows (64 windows of 2048
-    tokens in passes of 32: 164 ms of kernel time a step at G 32, 162 at 64 on another machine), and
-    each G is a graph key of its own (G up to a power of two: 50 graphs in a phased run, against 28)."""
+    varlen kernels' longest), all of them in the last window's LoRA row.
+    G is every slot, with row g slot g's (windows laid out in slot order): the pass reads and trains
+    the adapters in place (Adapters.select's every_slot), with no gathered copies of the rows nor
+    scatters of their gradients. A pass of one or two windows carries 2 rows instead, gathered: a
+    lone long document's chain of steps would otherwise move all slots' adapters each step (at 64
+    rows, about 13 ms of its 24 ms steps on an H100). Full passes gained nothing measurable from fewer
+    rows, and each G is a graph key of its own (G up to a power of two: 50 graphs in a phased run,
+    against 28)."""
     n = len(sel)
     G = 2 if n <= 2 else max(2, s.batch_docs)
+    every = G == s.batch_docs
+    if every:
+        order = np.argsort(rows.slots[sel], kind="stable")
+        sel, width = sel[order], width[order]
+    row = rows.slots[sel] if every else np.arange(n)  # each window's LoRA row
     first = np.concatenate(([0], np.cumsum(width)))  # window j holds positions first[j]..first[j + 1]
     used = int(first[-1])
     # T: a multiple of pack_bucket, or up to it of a quarter of it: the last steps of a phase (a long
@@ -553,16 +609,18 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     bounds = np.concatenate((first, np.arange(used + s.seq_len, T, s.seq_len), [T]))
     cu = np.full(G + 2 + -(-s.pack_bucket // s.seq_len), T, dtype=np.int32)
     cu[: len(bounds)] = bounds
-    ends = np.full(G, T, dtype=np.int32)
-    ends[: n - 1] = first[1:n]
+    ends = first[np.searchsorted(row, np.arange(G), side="right")].astype(np.int32)
+    ends[row[-1] :] = T
     at_w, scored_w = rows.chunk(s, sel)
     at, idx = np.zeros((G, s.chunk), dtype=np.int64), np.zeros((G, s.chunk), dtype=np.int64)
     scored = np.zeros((G, s.chunk), dtype=bool)
-    at[:n], scored[:n] = np.where(scored_w, first[:n, None] + at_w, 0), scored_w
-    idx[:n] = rows.base[sel][:, None] + at_w  # input positions; their targets are idx + 1
+    at[row], scored[row] = np.where(scored_w, first[:n, None] + at_w, 0), scored_w
+    idx[row] = rows.base[sel][:, None] + at_w  # input positions; their targets are idx + 1
     y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
-    slots, weight = np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.float32)
-    slots[:n], weight[:n] = rows.slots[sel], rows.train[sel]
+    slots, weight = np.arange(G) if every else np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.float32)
+    if not every:
+        slots[:n] = rows.slots[sel]
+    weight[row] = rows.train[sel]
     arrays = [slots, x[None], y, at, scored, weight, seg[None], cu, pos[None], (pos == 0)[None], ends]
     return arrays, idx
 
@@ -674,7 +732,7 @@ def _compile(model, adapters: Adapters, s: TTTSettings, device, autocast, backen
         return warm_up(model, adapters, s, device, autocast)
     except torch._dynamo.exc.TorchDynamoException as e:
         model.regions = None
-        adapters.adamw = _row_adamw
+        adapters.row_adamw, adapters.masked_adamw, adapters.compiled = _row_adamw, _masked_adamw, False
         if log:
             log(f"ttt_compile_failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; TTT runs eager")
         return time.perf_counter() - w0

@@ -269,31 +269,36 @@ def test_packed_windows_score_as_if_alone(switch):
     """The model side of packing, for the defaults and with each architecture knob switched: windows
     packed into one row (one starting mid-document, so with no BOS to stop the smear), each with its
     own slot's adapters (random, so every slot's delta differs), get the nats they get as rows of
-    their own."""
+    their own: two windows (2 gathered LoRA rows), and three, every slot (row g is slot g's, read in
+    place) with the slots out of order."""
     m = small_model(**switch).eval()
     tokens = np.random.default_rng(0).integers(2, 64, 200)
-    tokens[[0, 90]] = BOS_ID
+    tokens[[0, 90, 150]] = BOS_ID
     s = ttt.TTTSettings(chunk=8, seq_len=40, lora_rank=4, pad_multiple=8, pack_bucket=16, batch_docs=3)
-    rows = ttt._Rows(slots=np.array([0, 2]), base=np.array([30, 90]), span=np.array([36, 13]),
-                     offset=np.array([28, 5]), train=np.array([True, False]))
     adapters = ttt.Adapters(m, s, 3, CPU)
     with torch.no_grad():
         for lora in adapters.loras:
             lora.B.normal_(std=0.1)
     off = torch.autocast("cpu", enabled=False)
     try:
-        [(arrays, idx)] = list(ttt._packed_passes(tokens, rows, s))
-        assert arrays[1].shape == (1, 64) and len(arrays[0]) == 2  # 40 + 16 window tokens, a bucket of 16; 2 LoRA rows
-        with torch.no_grad():
-            got = ttt._pass(m, adapters, off, False, s.seq_len, *map(torch.from_numpy, arrays))[0]
-            for j in range(2):
+        for n, T in ((2, 64), (3, 80)):  # 40 + 16 (+ 24) window tokens, in buckets of 16
+            rows = ttt._Rows(slots=np.array([2, 0, 1][:n]), base=np.array([30, 90, 150][:n]),
+                             span=np.array([36, 13, 20][:n]), offset=np.array([28, 5, 12][:n]),
+                             train=np.array([True, False, True][:n]))
+            [(arrays, idx)] = list(ttt._packed_passes(tokens, rows, s))
+            assert arrays[1].shape == (1, T) and len(arrays[0]) == max(n, 2)
+            with torch.no_grad():
+                got = ttt._pass(m, adapters, off, False, s.seq_len, *map(torch.from_numpy, arrays))[0]
+            for j in range(n):
+                r = rows.slots[j] if n == 3 else j  # the window's LoRA row
                 x = torch.from_numpy(tokens[rows.base[j] : rows.base[j] + rows.span[j]][None])
                 at = torch.from_numpy(rows.offset[j] + np.arange(s.chunk))[None]
                 scored = at[0] < rows.span[j]
-                y = torch.from_numpy(tokens[idx[j] + 1])[None]
+                y = torch.from_numpy(tokens[idx[r] + 1])[None]
                 adapters.select(torch.tensor(rows.slots[j : j + 1]))
-                alone = ttt._nats(m, x, y[:, scored], adapters.head, off, at[:, scored])
-                torch.testing.assert_close(got[j][scored], alone[0], rtol=1e-5, atol=1e-5)
+                with torch.no_grad():
+                    alone = ttt._nats(m, x, y[:, scored], adapters.head, off, at[:, scored])
+                torch.testing.assert_close(got[r][scored], alone[0], rtol=1e-5, atol=1e-5)
     finally:
         adapters.remove()
 
@@ -321,17 +326,29 @@ def test_segment_matmul_is_a_matmul_per_group():
 
 def test_packed_pass_lora_rows():
     """A packed pass of one or two windows carries 2 LoRA rows (a long document's chain gathers and
-    stores no idle slots), a larger one every slot; rows past the windows are empty and unscored."""
+    stores no idle slots), a larger one every slot, row g slot g's: its windows lie in slot order and
+    each slot's row of tokens ends where its window does (empty for slots without one); rows without
+    a window are unscored, and the last window's row holds the padding."""
     tokens = np.arange(4000) % 50 + 2
     s = ttt.TTTSettings(chunk=8, seq_len=40, lora_rank=4, pad_multiple=8, pack_bucket=16, batch_docs=6)
-    for n, G in ((1, 2), (2, 2), (3, 6), (6, 6)):
-        rows = ttt._Rows(slots=np.arange(n), base=100 * np.arange(n), span=np.full(n, 40), offset=np.full(n, 32),
+    for slots, G in (([0], 2), ([3, 1], 2), ([0, 1, 2], 6), ([4, 0, 2], 6), ([5, 3, 1, 0, 2, 4], 6)):
+        n = len(slots)
+        rows = ttt._Rows(slots=np.array(slots), base=100 * np.arange(n), span=np.full(n, 40), offset=np.full(n, 32),
                          train=np.ones(n, dtype=bool))
-        [(arrays, _)] = list(ttt._packed_passes(tokens, rows, s))
-        slots, scored, ends = arrays[0], arrays[4], arrays[10]
-        assert len(slots) == G and len(ends) == G and scored.shape == (G, s.chunk)
-        assert scored[:n].all() and not scored[n:].any()
-        assert (ends[n - 1 :] == arrays[1].shape[1]).all()  # the rows after the last window hold no tokens
+        [(arrays, idx)] = list(ttt._packed_passes(tokens, rows, s))
+        lora_rows, x, scored, weight, ends = arrays[0], arrays[1], arrays[4], arrays[5], arrays[10]
+        assert len(lora_rows) == G and len(ends) == G and scored.shape == (G, s.chunk)
+        held = sorted(slots) if G == 6 else list(range(n))  # the rows holding a window
+        if G == 6:
+            assert (lora_rows == np.arange(6)).all()
+            # each window's scored inputs come from its own document (base 100 x its position in `slots`)
+            assert all((idx[slot] // 100 == slots.index(slot)).all() for slot in slots)
+        else:
+            assert (lora_rows[:n] == slots).all()
+        assert scored[held].all() and scored.sum() == n * s.chunk and (weight[held] == 1).all() and weight.sum() == n
+        starts = np.concatenate(([0], ends[:-1]))
+        assert ((ends - starts)[held[:-1]] == 40).all() and ends[-1] == x.shape[1]
+        assert (ends[held[-1] :] == x.shape[1]).all()  # the last window's row runs to the end: the padding
 
 
 def test_packed_layout_is_checked():
@@ -365,14 +382,16 @@ def test_ttt_scores_do_not_depend_on_slots_or_passes(model, val):
         assert np.abs(other - whole).mean() < 1e-6
 
 
+@pytest.mark.parametrize("slots", [3, 8], ids=["masked", "rows"])
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_adapter_adamw_is_torch_adamw_per_slot(beta1):
-    """The adapters' row-wise AdamW: a slot stepping alone follows torch.optim.AdamW on its own
-    parameters; slots not stepped keep their values and state; a slot reset mid-way starts over
-    (its own step count) and then matches a fresh torch.optim.AdamW."""
+def test_adapter_adamw_is_torch_adamw_per_slot(beta1, slots):
+    """The adapters' AdamW: a slot stepping alone follows torch.optim.AdamW on its own parameters;
+    slots not stepped keep their values and state; a slot reset mid-way starts over (its own step
+    count) and then matches a fresh torch.optim.AdamW. Both ways of stepping: over every row, masked
+    (4 step rows of 3 slots), and over the step rows alone (4 of 8)."""
     m = small_model(seed=5).eval()
     s = ttt.TTTSettings(chunk=8, seq_len=32, lora_rank=3, lr=1e-2, beta1=beta1, beta2=0.99, weight_decay=0.3)
-    adapters = ttt.Adapters(m, s, 3, CPU)
+    adapters = ttt.Adapters(m, s, slots, CPU)
     try:
         lora = adapters.loras[0]
         ref = torch.nn.Parameter(lora.A[0].detach().clone())
@@ -394,7 +413,7 @@ def test_adapter_adamw_is_torch_adamw_per_slot(beta1):
             opt.step()
             torch.testing.assert_close(lora.A[0], ref, rtol=1e-5, atol=1e-6)
             assert not lora.gA.any()  # zeroed for the next chunk
-        assert torch.equal(lora.A[2], untouched) and adapters.t.tolist() == [2.0, 5.0, 0.0]
+        assert torch.equal(lora.A[2], untouched) and adapters.t.tolist() == [2.0, 5.0] + [0.0] * (slots - 2)
     finally:
         adapters.remove()
 

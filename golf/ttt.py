@@ -31,6 +31,7 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +47,9 @@ from golf.evaluate import rank_range
 from golf.step_graphs import StepGraphs
 
 BOS_ID = 1
+# the adapters' leaves are strided views of flat buffers and their gradients the same views of another
+# on purpose (BatchedLoRA.bind): autograd's layout advice for such leaves does not apply
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 # LoRA target name -> attribute path inside a block; "head" is the tied LM head (GPT.logits' head_delta)
 BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 TARGETS = tuple(BLOCK_TARGETS) + ("head",)
@@ -160,46 +164,37 @@ def segment_matmul(x: torch.Tensor, W: torch.Tensor, ends: torch.Tensor) -> torc
 
 
 class BatchedLoRA(nn.Module):
-    """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot. A [S, in, r] and B [S, r, out] are
-    views into the flat buffers of `Adapters` (gA, gB into its gradients), which reset and step them.
-    A pass trains copies of its rows (`load`): leaves whose gradients `store` adds into gA, gB at
-    those rows, which moves only the pass's rows (autograd through A[rows] would build a gradient of
-    all S slots, zeros included, and add it into the strided views of G)."""
+    """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot: A [S, in, r] and B [S, r, out] view
+    columns `at`.. of each slot's row of the flat [S, N] buffers of `Adapters` (gA, gB its
+    gradients), which reset, select and step them. A pass runs on leaves `bind` views from a [K, N]
+    buffer of its rows (the slots' own rows in place, or a gathered copy), whose gradients accumulate
+    into the same views of a [K, N] gradient buffer: every pass's leaves have the same strides, so the
+    compiled regions take one graph for both kinds (Dynamo guards on strides)."""
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, scale: float):
+    def __init__(self, at: int, d_in: int, r: int, d_out: int, P: torch.Tensor, G: torch.Tensor, scale: float):
         super().__init__()
-        self.A, self.B, self.gA, self.gB = A, B, gA, gB
+        self.at, self.dims = at, (d_in, r, d_out)
+        self.A, self.B = self.views(P)
+        self.gA, self.gB = self.views(G)
         self.scale = scale
         self.active = True  # off during the global pass, which trains the base model alone
-        self.rows: torch.Tensor | None = None  # the slots of the rows in the current pass
-        self.a: torch.Tensor | None = None  # A[rows], B[rows] of the current pass
+        self.a: torch.Tensor | None = None  # the current pass's rows of A and B
         self.b: torch.Tensor | None = None
         self.ends: torch.Tensor | None = None  # packed passes: where each row's tokens end (segment_matmul)
 
-    def load(self, rows: torch.Tensor | None, grad: bool, ends: torch.Tensor | None = None) -> None:
-        self.rows, self.ends = rows, ends
-        self.a = self.b = None
-        if rows is not None:
-            self.a, self.b = self.A[rows].requires_grad_(grad), self.B[rows].requires_grad_(grad)
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This adapter's A [K, in, r] and B [K, r, out] inside the rows of a [K, N] buffer."""
+        (d_in, r, d_out), k, mid = self.dims, buf.shape[0], self.at + self.dims[0] * self.dims[1]
+        return buf[:, self.at : mid].view(k, d_in, r), buf[:, mid : mid + r * d_out].view(k, r, d_out)
 
-    def load_every_slot(self, grad: bool, ends: torch.Tensor | None = None) -> None:
-        """A pass whose row g is slot g: it reads A and B in place (no gathered copies), and with
-        `grad` its leaves carry gA, gB as their gradients, so backward adds into those buffers directly
-        (autograd accumulates into an existing .grad in place; nothing is left for `store`)."""
-        self.rows, self.ends = None, ends
-        self.a, self.b = self.A.detach().requires_grad_(grad), self.B.detach().requires_grad_(grad)
-        if grad:
-            self.a.grad, self.b.grad = self.gA, self.gB
-
-    def store(self) -> None:
-        """Adds the current pass's gradients into the slots' rows of gA, gB (a slot listed twice adds
-        both of its rows' gradients, as autograd would); after load_every_slot they are there already."""
-        with torch.no_grad():
-            for leaf, G in ((self.a, self.gA), (self.b, self.gB)):
-                if leaf is not None and leaf.grad is not None:
-                    if self.rows is not None:
-                        G.index_add_(0, self.rows, leaf.grad)
-                    leaf.grad = None
+    def bind(self, src: torch.Tensor | None, grads: torch.Tensor | None, ends: torch.Tensor | None) -> None:
+        """The next pass's rows: leaves viewing src [K, N] (None: A and B, untrained), trained if `grads`
+        [K, N] is given: their .grad are its views, and autograd adds into an existing .grad in place."""
+        self.ends, self.a, self.b = ends, None, None
+        if src is not None:
+            self.a, self.b = (v.detach().requires_grad_(grads is not None) for v in self.views(src))
+            if grads is not None:
+                self.a.grad, self.b.grad = self.views(grads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = (self.A, self.B) if self.a is None else (self.a, self.b)
@@ -224,6 +219,7 @@ class Adapters:
 
     def __init__(self, model: nn.Module, s: TTTSettings, slots: int, device, backend: str | None = None):
         self.s, self.loras, self.hooks, self.head = s, [], [], None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered rows and their gradients
         r = s.lora_rank
         targets = [(block.get_submodule(BLOCK_TARGETS[t]), block.get_submodule(BLOCK_TARGETS[t]).in_features,
                     block.get_submodule(BLOCK_TARGETS[t]).out_features)
@@ -241,12 +237,8 @@ class Adapters:
         for module, d_in, d_out in targets:
             bound = 1 / math.sqrt(d_in)
             init[off : off + d_in * r] = torch.rand(d_in * r, generator=g) * 2 * bound - bound
-            views = []
-            for rows, cols in ((d_in, r), (r, d_out)):
-                views.append((self.P[:, off : off + rows * cols].view(slots, rows, cols),
-                              self.G[:, off : off + rows * cols].view(slots, rows, cols)))
-                off += rows * cols
-            lora = BatchedLoRA(views[0][0], views[1][0], views[0][1], views[1][1], s.lora_alpha / r)
+            lora = BatchedLoRA(off, d_in, r, d_out, self.P, self.G, s.lora_alpha / r)
+            off += r * (d_in + d_out)
             self.loras.append(lora)
             if module is None:
                 self.head = lora
@@ -309,20 +301,30 @@ class Adapters:
 
     def select(self, rows: torch.Tensor | None, grad: bool = False, ends: torch.Tensor | None = None,
                every_slot: bool = False) -> None:
-        """The slots of the next pass's rows (None: all slots, in order, untrained; `every_slot`: row g
-        is slot g, trained in place if `grad`), trained if `grad`; `ends`: the pass is packed and row
-        i's tokens end at ends[i] (the head's rows are never packed)."""
+        """The slots of the next pass's rows, trained if `grad`: `rows` (gathered copies; their
+        gradients reach G through store_grads), None (every slot in order, untrained), or
+        `every_slot` (row g is slot g: P's rows in place, gradients straight into G). `ends`: the pass
+        is packed and row i's tokens end at ends[i] (the head's rows are never packed)."""
+        self.pending = None
+        if every_slot:
+            src, grads = self.P, self.G if grad else None
+        elif rows is None:
+            src = grads = None
+        else:
+            src = self.P[rows]
+            grads = torch.zeros_like(src) if grad else None
+            self.pending = (rows, grads) if grad else None
         for lora in self.loras:
-            part = None if lora is self.head else ends
-            if every_slot:
-                lora.load_every_slot(grad, part)
-            else:
-                lora.load(rows, grad, part)
+            lora.bind(src, grads, None if lora is self.head else ends)
 
     def store_grads(self) -> None:
-        """After a pass's backward: its gradients into G at its slots."""
-        for lora in self.loras:
-            lora.store()
+        """After a pass's backward: gathered rows' gradients into G at their slots (a slot listed twice
+        adds both, as autograd would)."""
+        if self.pending is not None:
+            rows, grads = self.pending
+            with torch.no_grad():
+                self.G.index_add_(0, rows, grads)
+            self.pending = None
 
     def enable(self, on: bool) -> None:
         for lora in self.loras:

@@ -692,7 +692,11 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
 def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> float:
     """Compiles the regions before the first real document, so their compile time is reported apart
     from scoring: random tokens, three documents of one to three chunks (3 rows, then 2; adapter steps
-    and last chunks), with throwaway scores; the slots are reset afterwards. Returns the seconds taken."""
+    and last chunks), with throwaway scores, then an AdamW step of every slot (the masked step's graph).
+    With phases, also a global pass over the same documents, weights restored afterwards: a process's
+    first one pays about 2 s of one-time set-up on an H100 (bench/global_pass_probe.py's cold round),
+    which would otherwise land in the first phase. The slots are reset afterwards. Returns the seconds
+    taken."""
     t0 = time.perf_counter()
     n = 2 * s.chunk + 5
     vocab = model.tok_emb.weight.shape[0]
@@ -701,10 +705,32 @@ def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> floa
     docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - s.chunk]], dtype=np.int64)
     score_docs(model, adapters, tokens, docs, np.ones(len(tokens), dtype=np.int64), s, BpbMeter(device),
                device, autocast)
+    adapters.step(adapters.slot_rows(np.arange(adapters.P.shape[0])))
     adapters.reset()
+    if s.phase_ends:
+        saved = [p.detach().clone() for p in model.parameters()]
+        _phase_global_pass(model, adapters, tokens, docs, s, device, autocast)
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), saved):
+                p.copy_(v)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def _phase_global_pass(model, adapters: Adapters | None, tokens, docs, s: TTTSettings, device, autocast) -> None:
+    """global_pass between TTT's batches: adapters off and the model eager meanwhile (compiled it would
+    need graphs of its own: trainable base weights, adapters off; on an H100 it launches ~60k kernels
+    for 81 documents, bench/global_pass_probe.py)."""
+    regions, model.regions = model.regions, None
+    if adapters is not None:
+        adapters.enable(False)
+    try:
+        global_pass(model, tokens, docs, s, device, autocast)
+    finally:
+        model.regions = regions
+        if adapters is not None:
+            adapters.enable(True)
 
 
 @contextlib.contextmanager
@@ -841,18 +867,11 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                 timings.append({"docs": len(order), "tokens": scored - before, "scoring_s": time.perf_counter() - p0,
                                 "global_s": None})
                 if k < len(phases) - 1:
-                    if adapters is not None:
-                        adapters.enable(False)
-                    # eager: compiled it would need graphs of its own (trainable base weights, adapters
-                    # off); on an H100 it launches ~60k kernels for 81 documents (bench/global_pass_probe.py)
-                    regions, model.regions, g0 = model.regions, None, time.perf_counter()
-                    global_pass(model, tokens, docs[np.sort(np.array(done))], s, device, autocast)
+                    g0 = time.perf_counter()
+                    _phase_global_pass(model, adapters, tokens, docs[np.sort(np.array(done))], s, device, autocast)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     timings[-1]["global_s"] = time.perf_counter() - g0
-                    model.regions = regions
-                    if adapters is not None:
-                        adapters.enable(True)
                     if log:
                         log(f"ttt_phase:{k + 1}/{len(phases)} docs_scored:{len(done)} "
                             f"scoring_seconds:{timings[-1]['scoring_s']:.1f} "

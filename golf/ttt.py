@@ -692,11 +692,8 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
 def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> float:
     """Compiles the regions before the first real document, so their compile time is reported apart
     from scoring: random tokens, three documents of one to three chunks (3 rows, then 2; adapter steps
-    and last chunks), with throwaway scores, then an AdamW step of every slot (the masked step's graph).
-    With phases, also a global pass over the same documents, weights restored afterwards: a process's
-    first one pays about 2 s of one-time set-up on an H100 (bench/global_pass_probe.py's cold round),
-    which would otherwise land in the first phase. The slots are reset afterwards. Returns the seconds
-    taken."""
+    and last chunks), with throwaway scores, then an AdamW step of every slot (the masked step's graph);
+    the slots are reset afterwards. Returns the seconds taken."""
     t0 = time.perf_counter()
     n = 2 * s.chunk + 5
     vocab = model.tok_emb.weight.shape[0]
@@ -707,12 +704,6 @@ def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> floa
                device, autocast)
     adapters.step(adapters.slot_rows(np.arange(adapters.P.shape[0])))
     adapters.reset()
-    if s.phase_ends:
-        saved = [p.detach().clone() for p in model.parameters()]
-        _phase_global_pass(model, adapters, tokens, docs, s, device, autocast)
-        with torch.no_grad():
-            for p, v in zip(model.parameters(), saved):
-                p.copy_(v)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0

@@ -171,7 +171,7 @@ KNOBS = (
     Knob("GLOBAL_TTT_EPOCHS", int, 1, "epochs of each global pass over the scored documents"),
     Knob("GLOBAL_TTT_BATCH_SEQS", int, 32, "sequences (pieces of at most TTT_EVAL_SEQ_LEN tokens) per global SGD step"),
     Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "grad-norm clip of the global passes; 0 disables"),
-    Knob("GLOBAL_TTT_MICRO_BATCH_TOKENS", int, 16384, "most tokens per global-pass forward/backward (exact; it also holds weight gradients and logits beside TTT's graphs)"),
+    Knob("GLOBAL_TTT_MICRO_BATCH_TOKENS", int, 32768, "most tokens per global-pass forward/backward (exact; H100: 16384 -> 32768 cut an eager pass 38%, fewer launches)"),
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
     Knob("TTT_LAYOUT", str, "auto", "TTT passes: packed (a step's windows end to end, varlen attention), rows (one padded row each), auto (packed on CUDA)"),
     Knob("TTT_PACK_BUCKET", int, 4096, "packed TTT passes are padded to a multiple of this many tokens, of a quarter of it below it (few shapes: few graphs)"),

@@ -75,7 +75,7 @@ class TTTSettings:
     global_momentum: float = 0.9
     global_epochs: int = 1
     global_batch_seqs: int = 32
-    global_micro_tokens: int = 16384  # most tokens per forward/backward of the global pass (exact: accumulated)
+    global_micro_tokens: int = 32768  # most tokens per forward/backward of the global pass (exact: accumulated)
     global_grad_clip: float = 1.0
     pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
     micro_tokens: int = 65536  # most window tokens per forward/backward; a step's rows split into passes

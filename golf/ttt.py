@@ -272,13 +272,13 @@ class Adapters:
 
     def step(self, rows: torch.Tensor) -> None:
         """One AdamW step (torch.optim.AdamW's arithmetic, step counts per slot) for the slots in
-        `rows` (see slot_rows); only their rows are read and written, the others keep their values.
-        Their gradients are zeroed for the next chunk (the others have none: rows that do not train
-        add zero gradients, and a slot's next document starts from reset)."""
+        `rows` (see slot_rows); the other slots keep their values and state. Gradients are zeroed for
+        the next chunk (the other slots have none: rows that do not train add zero gradients, and a
+        slot's next document starts from reset)."""
         s = self.s
         slots, n = self.P.shape
-        # more than half the slots: one in-place pass over every row, masked, moves less memory than
-        # gathering the rows and scattering them back (on an H100 at 64 slots: 2 kernels, 7.7 ms)
+        # more than half the slots: one masked in-place pass over every row moves less memory than
+        # gathering the rows and scattering them back (H100, 64 slots: 3.6 ms against 2 kernels, 7.7 ms)
         masked = 2 * rows.shape[0] > slots
         cols = n if self.compiled else max(1, 2**24 // (slots if masked else rows.shape[0]))  # eager: bounded temporaries
         with torch.no_grad():

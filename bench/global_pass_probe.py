@@ -1,14 +1,20 @@
-"""Phased TTT's global SGD pass alone (golf.ttt.global_pass), timed and profiled: no checkpoint, no
+"""Phased TTT's global SGD pass alone (golf.ttt.GlobalPass), timed and profiled: no checkpoint, no
 LoRA scoring, no compile. The model is train_gpt.py's at the knobs in the environment, randomly
 initialised (the pass's speed does not depend on the weights), frozen as evaluate_ttt freezes it; the
 documents are the first ones of a val stream, as the phase boundaries take them.
 
-  python bench/global_pass_probe.py --val .carry/shared_data/fineweb/sp1024/fineweb_val_000000.bin
+  python bench/global_pass_probe.py --val .carry/shared_data/fineweb/sp1024/fineweb_val_000000.bin \
+      [--graphs 64] [--world 8]
 
-For each round (cold: the process's first passes; warm: the same again; then the same with cuDNN's
-SDPA off) one line per boundary: `global_pass round:R docs:N pieces:P tokens:T seconds:S`, then a
-profile of one warm pass over the last boundary's documents (kernel time against wall time, kernel
-launches, the largest kernels and host operators; golf/profile.py).
+TTT_LAYOUT (rows or packed) and GLOBAL_TTT_MICRO_BATCH_TOKENS come from the environment. --graphs
+replays repeated micro-batch shapes as CUDA graphs, as evaluate_ttt does with TTT_CUDA_GRAPHS.
+--world N runs rank 0's share of every step of an N-rank pass (its pieces of each global batch,
+nothing all-reduced): one GPU's work in an N-GPU evaluation.
+
+For each round (cold: the process's first passes; warm: the same again) one line per boundary:
+`global_pass round:R docs:N pieces:P tokens:T seconds:S`, then a profile of one warm pass over the
+last boundary's documents (kernel time against wall time, kernel launches, the largest kernels and
+host operators; golf/profile.py).
 """
 from __future__ import annotations
 
@@ -26,13 +32,18 @@ from data.shards import load_stream  # noqa: E402
 from golf import ttt  # noqa: E402
 from golf.config import parse_knobs  # noqa: E402
 from golf.profile import profile_lines, profile_steps  # noqa: E402
+from golf.step_graphs import StepGraphs  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--val", required=True, help="val stream (a shard glob)")
     ap.add_argument("--ends", default="27,54,81", help="cumulative document counts, one global pass each")
+    ap.add_argument("--graphs", type=int, default=0, help="CUDA graphs kept (0: none)")
+    ap.add_argument("--world", type=int, default=1, help="time rank 0's share of a pass over this many ranks")
     a = ap.parse_args()
+    if a.world > 1:  # rank 0 of a.world, alone: its share of each batch, all-reduces of one process (no-ops)
+        ttt.rank_and_world = lambda: (0, a.world)
     cfg = parse_knobs(tg.KNOBS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -42,16 +53,19 @@ def main() -> None:
     docs = ttt.split_documents(tokens)
     s = tg.ttt_settings(cfg, len(docs), device)
     ends = [int(e) for e in a.ends.split(",")]
-
-    def one(n: int) -> None:
-        ttt.global_pass(model, tokens, docs[:n], s, device, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    graphs = StepGraphs(device, a.graphs) if a.graphs > 0 else None
 
     with ttt._frozen(model):
-        for name in ("cold", "warm", "no_cudnn_sdpa"):
-            if name == "no_cudnn_sdpa":
-                torch.backends.cuda.enable_cudnn_sdp(False)
+        run = ttt.GlobalPass(model, s, device, autocast, graphs)
+
+        def one(n: int) -> None:
+            run(tokens, docs[:n])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        print(f"global_pass layout:{'packed' if ttt.packs(s, model, device) else 'rows'} world:{a.world} "
+              f"graphs:{a.graphs} micro_tokens:{s.global_micro_tokens}", flush=True)
+        for name in ("cold", "warm"):
             for n in ends:
                 t = time.perf_counter()
                 one(n)
@@ -59,7 +73,8 @@ def main() -> None:
                 pieces = int((-(-lengths // s.seq_len)).sum())
                 print(f"global_pass round:{name} docs:{n} pieces:{pieces} tokens:{int(lengths.sum())} "
                       f"seconds:{time.perf_counter() - t:.3f}", flush=True)
-        torch.backends.cuda.enable_cudnn_sdp(True)
+        if graphs is not None:
+            print(f"global_pass cuda_graphs {graphs.stats()}", flush=True)
         for line in profile_lines(profile_steps(lambda: one(ends[-1]), 1, device, top=20), f"global_pass_{ends[-1]}"):
             print(line, flush=True)
 

@@ -423,7 +423,8 @@ def _nats(model, x: torch.Tensor, y: torch.Tensor, head_delta, autocast, at: tor
                 h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
         else:
             h = model.hidden(x, docs=packed_doc_info(*packed))
-            h = h[0].index_select(0, at.flatten()).view(*at.shape, -1)
+            if at is not None:
+                h = h[0].index_select(0, at.flatten()).view(*at.shape, -1)
         logits = model.head(h, head_delta=head_delta)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
@@ -579,8 +580,7 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     """One packed pass of rows `sel`: x [1, T]; the chunk arrays as in the rows layout but with G rows
     (the unused ones unscored, weight 0) and `at` indexing into the packed row; then segment ids
     [1, T], cu_seqlens (fixed length for a G), positions [1, T], sequence starts [1, T] and the LoRA
-    rows' ends [G]. The padding after the last window forms segments of at most seq_len tokens (the
-    varlen kernels' longest), all of them in the last window's LoRA row.
+    rows' ends [G] (the layout: _segments; its trailing padding belongs to the last window's LoRA row).
     G is every slot, with row g slot g's (windows laid out in slot order): the pass reads and trains
     the adapters in place (Adapters.select's every_slot), with no gathered copies of the rows nor
     scatters of their gradients. A pass of one or two windows carries 2 rows instead, gathered: a
@@ -595,22 +595,11 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
         order = np.argsort(rows.slots[sel], kind="stable")
         sel, width = sel[order], width[order]
     row = rows.slots[sel] if every else np.arange(n)  # each window's LoRA row
-    first = np.concatenate(([0], np.cumsum(width)))  # window j holds positions first[j]..first[j + 1]
+    first, T, win, pos, seg, cu = _segments(width, s, G)
     used = int(first[-1])
-    # T: a multiple of pack_bucket, or up to it of a quarter of it: the last steps of a phase (a long
-    # document's window alone) compute less padding (on an H100 no faster: those steps wait on latency)
-    step = s.pack_bucket if used > s.pack_bucket else max(s.pad_multiple, s.pack_bucket // 4)
-    T = -(-used // step) * step
-    tail = np.arange(T - used)
-    win = np.repeat(np.arange(n), width)
-    pos = np.concatenate((np.arange(used) - first[win], tail % s.seq_len))
-    seg = np.concatenate((win, n + tail // s.seq_len)).astype(np.int32)
     inside = pos[:used] < rows.span[sel][win]
     x = np.zeros(T, dtype=np.int64)
     x[:used] = np.where(inside, tokens[np.where(inside, rows.base[sel][win] + pos[:used], 0)], 0)
-    bounds = np.concatenate((first, np.arange(used + s.seq_len, T, s.seq_len), [T]))
-    cu = np.full(G + 2 + -(-s.pack_bucket // s.seq_len), T, dtype=np.int32)
-    cu[: len(bounds)] = bounds
     ends = first[np.searchsorted(row, np.arange(G), side="right")].astype(np.int32)
     ends[row[-1] :] = T
     at_w, scored_w = rows.chunk(s, sel)
@@ -625,6 +614,29 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     weight[row] = rows.train[sel]
     arrays = [slots, x[None], y, at, scored, weight, seg[None], cu, pos[None], (pos == 0)[None], ends]
     return arrays, idx
+
+
+def _segments(width: np.ndarray, s: TTTSettings, most: int):
+    """The layout of a packed row of sequences of `width` tokens (at most `most` of them) end to end:
+    first (sequence j holds positions first[j]..first[j + 1]), T, win (each used position's
+    sequence), positions from 0 in each sequence, segment ids and cu_seqlens (int32, of a fixed
+    length for a given `most`, ending in empty segments). T is a multiple of pack_bucket, or when
+    smaller of a quarter of it: the last steps of a phase (a long document's window alone) compute
+    less padding. The padding after the last sequence forms segments of at most seq_len tokens (the
+    varlen kernels' longest)."""
+    n = len(width)
+    first = np.concatenate(([0], np.cumsum(width)))
+    used = int(first[-1])
+    step = s.pack_bucket if used > s.pack_bucket else max(s.pad_multiple, s.pack_bucket // 4)
+    T = -(-used // step) * step
+    tail = np.arange(T - used)
+    win = np.repeat(np.arange(n), width)
+    pos = np.concatenate((np.arange(used) - first[win], tail % s.seq_len))
+    seg = np.concatenate((win, n + tail // s.seq_len)).astype(np.int32)
+    bounds = np.concatenate((first, np.arange(used + s.seq_len, T, s.seq_len), [T]))
+    cu = np.full(most + 2 + -(-s.pack_bucket // s.seq_len), T, dtype=np.int32)
+    cu[: len(bounds)] = bounds
+    return first, T, win, pos, seg, cu
 
 
 def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: TTTSettings, meter: BpbMeter,
@@ -709,15 +721,15 @@ def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> floa
     return time.perf_counter() - t0
 
 
-def _phase_global_pass(model, adapters: Adapters | None, tokens, docs, s: TTTSettings, device, autocast) -> None:
-    """global_pass between TTT's batches: adapters off and the model eager meanwhile (compiled it would
-    need graphs of its own: trainable base weights, adapters off; on an H100 it launches ~60k kernels
-    for 81 documents, bench/global_pass_probe.py)."""
+def _phase_global_pass(model, adapters: Adapters | None, run: GlobalPass, tokens, docs) -> None:
+    """A GlobalPass between TTT's batches: adapters off and the model eager meanwhile (compiled it
+    would need graphs of its own: trainable base weights, adapters off); its repeated shapes replay
+    as CUDA graphs (GlobalPass)."""
     regions, model.regions = model.regions, None
     if adapters is not None:
         adapters.enable(False)
     try:
-        global_pass(model, tokens, docs, s, device, autocast)
+        run(tokens, docs)
     finally:
         model.regions = regions
         if adapters is not None:
@@ -772,59 +784,106 @@ def prime(model, s: TTTSettings, device, autocast=None, log: Callable[[str], Non
             adapters.remove()
 
 
-def global_pass(model, tokens, docs, s: TTTSettings, device, autocast) -> None:
-    """SGD over the given (already scored) documents, each cut into pieces of up to seq_len targets;
-    the global batch is split over ranks and gradients are summed, so every rank keeps the same model."""
-    pieces = [(a, min(a + s.seq_len, e)) for a, e in docs.tolist() for a in range(a, e, s.seq_len)]
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    flats = _flat_grads(params)
-    opt = torch.optim.SGD(params, lr=s.global_lr, momentum=s.global_momentum)
-    rank, world = rank_and_world()
-    for p in params:
-        p.requires_grad_(True)
-    for _ in range(s.global_epochs):
-        for b0 in range(0, len(pieces), s.global_batch_seqs):
-            batch = pieces[b0 : b0 + s.global_batch_seqs]
-            mine = np.array(batch[slice(*rank_range(len(batch), rank, world))], dtype=np.int64).reshape(-1, 2)
-            for flat in flats:
-                flat.zero_()
-            count = torch.zeros((), device=device, dtype=torch.float64)
-            width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
-            per_pass = max(1, s.global_micro_tokens // width)
-            for g0 in range(0, len(mine), per_pass):
-                x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, s.seq_len, width)
-                mask = _to_device(valid, device)
-                nats = _nats(model, _to_device(x, device), _to_device(y, device), None, autocast)
-                (nats * mask).sum().backward()
-                count += mask.sum()
-            all_reduce_(count)
-            for flat in flats:
-                all_reduce_(flat)
-                flat.div_(count.clamp_min(1).to(flat.dtype))
-            if s.global_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, s.global_grad_clip)
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    for p in params:
-        p.requires_grad_(False)
+class GlobalPass:
+    """Phased TTT's global SGD pass (one per evaluation): SGD over the given, already scored, documents,
+    each cut into pieces of up to seq_len targets; the global batch is split over ranks and gradients
+    are summed, so every rank keeps the same model. Packed (`packs`), a rank's pieces of a step run
+    end to end in rows of up to s.global_micro_tokens tokens (each piece its own sequence from position
+    0, as the rows layout's padded row each), and `graphs` replays those of repeated shapes as CUDA
+    graphs: a rank's share of a step on 8 GPUs is about 4 pieces, which run eager would be bound by
+    its ~3.5k kernel launches. Every parameter's gradient is a view of one flat buffer per dtype that
+    lives as long as this object, so a step all-reduces, scales and zeroes a buffer or two, and a
+    graph's backward keeps adding into the same memory in every later pass."""
+
+    _instances = 0
+
+    def __init__(self, model, s: TTTSettings, device, autocast, graphs: StepGraphs | None = None):
+        GlobalPass._instances += 1
+        self.key = GlobalPass._instances  # graph keys of one pass object: their gradient buffers are its own
+        self.model, self.s, self.device, self.autocast, self.graphs = model, s, device, autocast, graphs
+        self.params = [p for p in model.parameters() if p.is_floating_point()]
+        groups: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self.params:
+            groups.setdefault(p.dtype, []).append(p)
+        self.flats, self.views = [], []
+        for ps in groups.values():
+            flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+            offsets = np.cumsum([0] + [p.numel() for p in ps])
+            self.flats.append(flat)
+            self.views += [(p, flat[a:b].view(p.shape)) for p, a, b in zip(ps, offsets[:-1], offsets[1:])]
+
+    def __call__(self, tokens: np.ndarray, docs: np.ndarray) -> None:
+        s, device = self.s, self.device
+        pieces = [(a, min(a + s.seq_len, e)) for a, e in docs.tolist() for a in range(a, e, s.seq_len)]
+        opt = torch.optim.SGD(self.params, lr=s.global_lr, momentum=s.global_momentum)
+        rank, world = rank_and_world()
+        packed = packs(s, self.model, device)
+        for p, view in self.views:
+            p.requires_grad_(True)
+            p.grad = view
+        try:
+            for _ in range(s.global_epochs):
+                for b0 in range(0, len(pieces), s.global_batch_seqs):
+                    batch = pieces[b0 : b0 + s.global_batch_seqs]
+                    mine = np.array(batch[slice(*rank_range(len(batch), rank, world))], dtype=np.int64).reshape(-1, 2)
+                    for flat in self.flats:
+                        flat.zero_()
+                    count = torch.zeros((), device=device, dtype=torch.float64)
+                    for arrays in (self._packed(tokens, mine) if packed else self._rows(tokens, mine)):
+                        inputs = [_to_device(a, device) for a in arrays]
+                        work = functools.partial(_global_micro, self.model, self.autocast, s.seq_len)
+                        key = ("global", self.key, arrays[0].shape)
+                        [n] = self.graphs(key, work, inputs) if self.graphs is not None and packed else work(*inputs)
+                        count += n
+                    all_reduce_(count)
+                    for flat in self.flats:
+                        all_reduce_(flat)
+                        flat.div_(count.clamp_min(1).to(flat.dtype))
+                    if s.global_grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.params, s.global_grad_clip)
+                    opt.step()
+        finally:
+            for p in self.params:
+                p.grad = None
+                p.requires_grad_(False)
+
+    def _rows(self, tokens: np.ndarray, mine: np.ndarray):
+        """One zero-padded row per piece, up to s.global_micro_tokens tokens a pass: (x, y, valid)."""
+        width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
+        per_pass = max(1, self.s.global_micro_tokens // width)
+        for g0 in range(0, len(mine), per_pass):
+            x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, self.s.seq_len, width)
+            yield x, y, valid
+
+    def _packed(self, tokens: np.ndarray, mine: np.ndarray):
+        """The pieces end to end, up to s.global_micro_tokens tokens a pass: (x, y, valid) [1, T], then
+        packed_doc_info's segment ids, cu_seqlens, positions and starts (`_segments`)."""
+        s = self.s
+        width = mine[:, 1] - mine[:, 0]
+        groups, used = [[]], 0
+        for i, w in enumerate(width):
+            if groups[-1] and used + w > s.global_micro_tokens:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += w
+        for sel in groups:
+            if not sel:
+                continue
+            first, T, win, pos, seg, cu = _segments(width[sel], s, s.global_batch_seqs)
+            used = int(first[-1])
+            idx = mine[sel, 0][win] + pos[:used]
+            x, y, valid = np.zeros(T, np.int64), np.zeros(T, np.int64), np.zeros(T, bool)
+            x[:used], y[:used], valid[:used] = tokens[idx], tokens[idx + 1], True
+            yield x[None], y[None], valid[None], seg[None], cu, pos[None], (pos == 0)[None]
 
 
-def _flat_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """One zeroed buffer per dtype holding every parameter's gradient (each .grad a view of it, which
-    backward adds into in place): a global step then all-reduces, scales and zeroes a buffer or two
-    instead of every parameter's gradient, about a hundred launches and collectives fewer per step."""
-    groups: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault(p.dtype, []).append(p)
-    flats = []
-    for ps in groups.values():
-        flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
-        off = 0
-        for p in ps:
-            p.grad = flat[off : off + p.numel()].view(p.shape)
-            off += p.numel()
-        flats.append(flat)
-    return flats
+def _global_micro(model, autocast, seq_len: int, x, y, valid, *packed) -> list[torch.Tensor]:
+    """One forward/backward of the global pass, its summed loss's gradients added into the parameters'
+    .grad; returns the number of targets. Reads nothing but its arguments: replayable (StepGraphs)."""
+    nats = _nats(model, x, y, None, autocast, None, (packed[0], packed[1], seq_len, packed[2], packed[3]) if packed else None)
+    (nats * valid).sum().backward()
+    return [valid.sum()]
 
 
 def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSettings, device,
@@ -856,6 +915,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                     log(f"ttt_compile_warmup:{compile_seconds:.1f}s")
             # after the warm-up: its steps would be captured with throwaway shapes
             graphs = StepGraphs(device, s.graphs) if s.graphs > 0 and adapters is not None else None
+            global_sgd = GlobalPass(model, s, device, autocast, graphs) if len(phases) > 1 else None
             done, timings = [], []
             for k, order in enumerate(phases):
                 counter, last = _Counter(len(order), f"ttt_{call}_phase_{k}"), [time.perf_counter()]
@@ -876,7 +936,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, s: TTTSetti
                                 "global_s": None})
                 if k < len(phases) - 1:
                     g0 = time.perf_counter()
-                    _phase_global_pass(model, adapters, tokens, docs[np.sort(np.array(done))], s, device, autocast)
+                    _phase_global_pass(model, adapters, global_sgd, tokens, docs[np.sort(np.array(done))])
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     timings[-1]["global_s"] = time.perf_counter() - g0

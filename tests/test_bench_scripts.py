@@ -51,13 +51,21 @@ def test_ttt_schedule_counts_steps_and_replays():
     assert steps > 0 and replays > 0 and captures >= 1
 
 
-def test_global_pass_probe_times_each_round_and_profiles():
+@pytest.mark.parametrize("layout,extra", [("rows", []), ("packed", ["--graphs", "4", "--world", "2"])])
+def test_global_pass_probe_times_each_round_and_profiles(layout, extra):
     """bench/global_pass_probe.py on the sample val stream, tiny model: a line per round and boundary,
-    then the profile of one pass."""
+    then the profile of one pass; packed, with graphs, as one rank of two (steps of 4 pieces, so their
+    shapes repeat and replay)."""
     out = subprocess.run([sys.executable, "bench/global_pass_probe.py", "--val",
-                          str(ROOT / "data/sample/datasets/fineweb10B_sp1024/fineweb_val_*.bin"), "--ends", "2,3"],
-                         cwd=ROOT, env=clean_env(TTT_EVAL_SEQ_LEN="64"), capture_output=True, text=True, timeout=600)
+                          str(ROOT / "data/sample/datasets/fineweb10B_sp1024/fineweb_val_*.bin"), "--ends", "2,3", *extra],
+                         cwd=ROOT, env=clean_env(TTT_EVAL_SEQ_LEN="64", TTT_LAYOUT=layout, TTT_PACK_BUCKET="128",
+                                                 GLOBAL_TTT_BATCH_SEQS="4"),
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(rf"^global_pass layout:{layout} world:{2 if extra else 1} ", out.stdout, re.M), out.stdout
     rounds = re.findall(r"^global_pass round:(\w+) docs:(\d+) pieces:\d+ tokens:\d+ seconds:[0-9.]+$", out.stdout, re.M)
-    assert rounds == [(r, n) for r in ("cold", "warm", "no_cudnn_sdpa") for n in ("2", "3")], out.stdout
+    assert rounds == [(r, n) for r in ("cold", "warm") for n in ("2", "3")], out.stdout
+    if extra:
+        replays = re.search(r"^global_pass cuda_graphs graphs:\d+ captures:(\d+) replays:(\d+)", out.stdout, re.M)
+        assert replays and int(replays.group(2)) > 0, out.stdout
     assert re.search(r"^profile global_pass_3: wall [0-9.]+ ms/step", out.stdout, re.M)

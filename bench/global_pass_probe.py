@@ -11,7 +11,8 @@ replays repeated micro-batch shapes as CUDA graphs, as evaluate_ttt does with TT
 --world N runs rank 0's share of every step of an N-rank pass (its pieces of each global batch,
 nothing all-reduced): one GPU's work in an N-GPU evaluation.
 
-For each round (cold: the process's first passes; warm: the same again) one line per boundary:
+For each round (cold: the process's first passes; warm: the same again, where graphs are captured;
+replay: once more) one line per boundary:
 `global_pass round:R docs:N pieces:P tokens:T seconds:S`, then a profile of one warm pass over the
 last boundary's documents (kernel time against wall time, kernel launches, the largest kernels and
 host operators; golf/profile.py).
@@ -65,7 +66,7 @@ def main() -> None:
 
         print(f"global_pass layout:{'packed' if ttt.packs(s, model, device) else 'rows'} world:{a.world} "
               f"graphs:{a.graphs} micro_tokens:{s.global_micro_tokens}", flush=True)
-        for name in ("cold", "warm"):
+        for name in ("cold", "warm", "replay"):
             for n in ends:
                 t = time.perf_counter()
                 one(n)

@@ -64,7 +64,7 @@ def test_global_pass_probe_times_each_round_and_profiles(layout, extra):
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(rf"^global_pass layout:{layout} world:{2 if extra else 1} ", out.stdout, re.M), out.stdout
     rounds = re.findall(r"^global_pass round:(\w+) docs:(\d+) pieces:\d+ tokens:\d+ seconds:[0-9.]+$", out.stdout, re.M)
-    assert rounds == [(r, n) for r in ("cold", "warm") for n in ("2", "3")], out.stdout
+    assert rounds == [(r, n) for r in ("cold", "warm", "replay") for n in ("2", "3")], out.stdout
     if extra:
         replays = re.search(r"^global_pass cuda_graphs graphs:\d+ captures:(\d+) replays:(\d+)", out.stdout, re.M)
         assert replays and int(replays.group(2)) > 0, out.stdout

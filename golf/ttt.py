@@ -151,11 +151,7 @@ def segment_matmul(x: torch.Tensor, W: torch.Tensor, ends: torch.Tensor) -> torc
     """x [N, in] @ W[g] [in, out] for the rows of each group g: rows ends[g-1]..ends[g] (int32
     [G], non-decreasing, the last = N; empty groups allowed). torch._grouped_mm where it runs (bf16;
     float32 on CPU outside torch.compile, whose shape rules take bf16 only; rows of a multiple of 16
-    bytes), else one masked matmul per group (same values, G times the work). One group is a plain
-    matmul: a long document's window alone (a chain of steps) then runs on cuBLAS, about half the
-    ~11 us of a grouped GEMM at these shapes on an H100."""
-    if W.shape[0] == 1:
-        return x @ W[0]
+    bytes), else one masked matmul per group (same values, G times the work)."""
     kernel_dtype = x.dtype == torch.bfloat16 or (
         x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling())
     if kernel_dtype and all(d * x.element_size() % 16 == 0 for d in W.shape[1:]):
@@ -587,13 +583,14 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     rows' ends [G] (the layout: _segments; its trailing padding belongs to the last window's LoRA row).
     G is every slot, with row g slot g's (windows laid out in slot order): the pass reads and trains
     the adapters in place (Adapters.select's every_slot), with no gathered copies of the rows nor
-    scatters of their gradients. A pass of one or two windows carries one row per window instead,
-    gathered: a lone long document's chain of steps would otherwise move all slots' adapters each
-    step (at 64 rows, about 13 ms of its 24 ms steps on an H100), and one row makes its LoRA products
-    plain matmuls (segment_matmul). Full passes gained nothing measurable from fewer rows, and each G
-    is a graph key of its own (G up to a power of two: 50 graphs in a phased run, against 28)."""
+    scatters of their gradients. A pass of one or two windows carries 2 rows instead, gathered: a
+    lone long document's chain of steps would otherwise move all slots' adapters each step (at 64
+    rows, about 13 ms of its 24 ms steps on an H100). Not one row for one window: Dynamo specialises
+    sizes of 1, and those graphs (plain matmuls for the LoRA products) took the H100 prime from 189 to
+    320 s and the warm-up from 24 to 47 s. Full passes gained nothing measurable from fewer rows, and
+    each G is a graph key of its own (G up to a power of two: 50 graphs in a phased run, against 28)."""
     n = len(sel)
-    G = n if n <= 2 else max(2, s.batch_docs)
+    G = 2 if n <= 2 else max(2, s.batch_docs)
     every = G == s.batch_docs
     if every:
         order = np.argsort(rows.slots[sel], kind="stable")
@@ -707,17 +704,15 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
 
 def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> float:
     """Compiles the regions before the first real document, so their compile time is reported apart
-    from scoring: random tokens, documents of 5, 3 and 2 chunks with throwaway scores (steps of 3, 2
-    and 1 rows, each with an adapter step and a backward; the last chunks without), then an AdamW step
-    of every slot (the masked step's graph); the slots are reset afterwards. One row is a graph of its
-    own (Dynamo specialises sizes of 1; segment_matmul). Returns the seconds taken."""
+    from scoring: random tokens, three documents of one to three chunks (3 rows, then 2; adapter steps
+    and last chunks), with throwaway scores, then an AdamW step of every slot (the masked step's graph);
+    the slots are reset afterwards. Returns the seconds taken."""
     t0 = time.perf_counter()
-    lengths = np.array([4, 2, 1]) * s.chunk + 5
+    n = 2 * s.chunk + 5
     vocab = model.tok_emb.weight.shape[0]
-    tokens = np.random.default_rng(0).integers(2, vocab, lengths.sum() + 1)
-    starts = np.concatenate(([0], np.cumsum(lengths)))
-    tokens[starts] = BOS_ID
-    docs = np.stack((starts[:-1], starts[1:]), axis=1).astype(np.int64)
+    tokens = np.random.default_rng(0).integers(2, vocab, 3 * n + 1)
+    tokens[[0, n, 2 * n, 3 * n]] = BOS_ID
+    docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - s.chunk]], dtype=np.int64)
     score_docs(model, adapters, tokens, docs, np.ones(len(tokens), dtype=np.int64), s, BpbMeter(device),
                device, autocast)
     adapters.step(adapters.slot_rows(np.arange(adapters.P.shape[0])))
@@ -804,9 +799,10 @@ class GlobalPass:
     0, as the rows layout's padded row each), and `graphs` replays those of repeated shapes up to
     GLOBAL_GRAPH_TOKENS as CUDA graphs: a rank's share of a step on 8 GPUs is about 4 pieces, which
     eager are launch-bound (H100, rank 0's share of an 8-rank pass over 81 documents: 16,329 launches,
-    116 ms of kernels in 552 ms under the profiler; replayed: 92 launches, 126 ms). Every parameter's gradient is a view of one flat buffer per dtype that
-    lives as long as this object, so a step all-reduces, scales and zeroes a buffer or two, and a
-    graph's backward keeps adding into the same memory in every later pass."""
+    116 ms of kernels in 552 ms under the profiler; replayed: 92 launches, 126 ms). Every parameter's
+    gradient is a view of one flat buffer per dtype that lives as long as this object, so a step
+    all-reduces, scales and zeroes a buffer or two, and a graph's backward keeps adding into the same
+    memory in every later pass."""
 
     _instances = 0
 

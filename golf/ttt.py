@@ -56,11 +56,6 @@ TARGETS = tuple(BLOCK_TARGETS) + ("head",)
 LAYOUTS = ("auto", "packed", "rows")
 _CALLS = 0
 _COPIES = 0
-# passes (TTT's and the global pass's micro-batches) of up to this many tokens replay as CUDA graphs
-# (StepGraphs). Wider ones keep an H100 busy without: the GPU's ~1.25 us a token outruns the host's
-# launches (one rank's global pass over 81 documents: 585 ms of kernels in 650 ms eager), and a
-# capture stops the GPU while it records (29 captures took 2.1 s of a phased run's 70 s)
-GRAPH_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -655,8 +650,8 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
     fresh adapters. A step's rows run in passes of at most `s.micro_tokens` window tokens, packed
     end to end or one padded row each (`packs`; _packed_passes, _row_passes); rows never interact, so
     passes are exact either way. `on_step(steps, documents taken, tokens scored)` after each step.
-    `graphs` (for one model and `adapters`) replays passes of repeated shapes up to GRAPH_TOKENS, and
-    the adapters' AdamW step, as CUDA graphs.
+    `graphs` (for one model and `adapters`) replays passes of repeated shapes, and the adapters'
+    AdamW step, as CUDA graphs.
     Returns the number of scored tokens."""
     take = take or _Counter(len(docs)).take
     lengths = docs[:, 1] - docs[:, 0]
@@ -691,8 +686,7 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
             work = functools.partial(_pass, model, adapters, autocast, backward, s.seq_len)
             # a graph of a pass fixes its shapes and whether it trains; the rest is data
             key = ("pass", arrays[1].shape, len(arrays[0]), backward)
-            graphed = graphs is not None and arrays[1].size <= GRAPH_TOKENS
-            [nats] = graphs(key, work, inputs) if graphed else work(*inputs)
+            [nats] = graphs(key, work, inputs) if graphs is not None else work(*inputs)
             meter.update(nats, _to_device(byte_counts[idx + 1], device), inputs[4])
             scored_tokens += int(scored.sum())
             if token_nats is not None:
@@ -791,13 +785,19 @@ def prime(model, s: TTTSettings, device, autocast=None, log: Callable[[str], Non
             adapters.remove()
 
 
+# packed global-pass micro-batches up to this many tokens replay as CUDA graphs; wider ones keep the GPU
+# busy eager (H100, one rank, 81 documents: 585 ms of kernels in 650 ms eager), so capturing them
+# would cost more than it saves in a local run's few passes
+GLOBAL_GRAPH_TOKENS = 8192
+
+
 class GlobalPass:
     """Phased TTT's global SGD pass (one per evaluation): SGD over the given, already scored, documents,
     each cut into pieces of up to seq_len targets; the global batch is split over ranks and gradients
     are summed, so every rank keeps the same model. Packed (`packs`), a rank's pieces of a step run
     end to end in rows of up to s.global_micro_tokens tokens (each piece its own sequence from position
     0, as the rows layout's padded row each), and `graphs` replays those of repeated shapes up to
-    GRAPH_TOKENS as CUDA graphs: a rank's share of a step on 8 GPUs is about 4 pieces, which
+    GLOBAL_GRAPH_TOKENS as CUDA graphs: a rank's share of a step on 8 GPUs is about 4 pieces, which
     eager are launch-bound (H100, rank 0's share of an 8-rank pass over 81 documents: 16,329 launches,
     116 ms of kernels in 552 ms under the profiler; replayed: 92 launches, 126 ms). Every parameter's
     gradient is a view of one flat buffer per dtype that lives as long as this object, so a step
@@ -842,7 +842,7 @@ class GlobalPass:
                         inputs = [_to_device(a, device) for a in arrays]
                         work = functools.partial(_global_micro, self.model, self.autocast, s.seq_len)
                         key = ("global", self.key, arrays[0].shape)
-                        graphed = self.graphs is not None and packed and arrays[0].shape[1] <= GRAPH_TOKENS
+                        graphed = self.graphs is not None and packed and arrays[0].shape[1] <= GLOBAL_GRAPH_TOKENS
                         [n] = self.graphs(key, work, inputs) if graphed else work(*inputs)
                         count += n
                     all_reduce_(count)

@@ -651,7 +651,9 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
     end to end or one padded row each (`packs`; _packed_passes, _row_passes); rows never interact, so
     passes are exact either way. `on_step(steps, documents taken, tokens scored)` after each step.
     `graphs` (for one model and `adapters`) replays passes of repeated shapes, and the adapters'
-    AdamW step, as CUDA graphs.
+    AdamW step, as CUDA graphs. Wide passes gain too, though their kernels alone would keep the GPU
+    busy: with graphs only up to 8192 tokens, a phased run's last 1,540 documents took 63.1 s
+    against 57.1 s (H100).
     Returns the number of scored tokens."""
     take = take or _Counter(len(docs)).take
     lengths = docs[:, 1] - docs[:, 0]

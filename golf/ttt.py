@@ -565,15 +565,20 @@ def _packed_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings):
     (varlen), each window's rotary positions start at 0, and each window trains its own slot's adapter
     (segment_matmul)."""
     width = rows.width(s)
+    for sel in _fill(np.argsort(-width, kind="stable"), width, s.micro_tokens):
+        yield _pack(tokens, rows, sel, width[sel], s)
+
+
+def _fill(order: np.ndarray, width: np.ndarray, most: int) -> list[np.ndarray]:
+    """Indices `order` cut into consecutive runs of at most `most` total width (a wider one alone)."""
     groups, used = [[]], 0
-    for r in np.argsort(-width, kind="stable"):
-        if groups[-1] and used + width[r] > s.micro_tokens:
+    for i in order:
+        if groups[-1] and used + width[i] > most:
             groups.append([])
             used = 0
-        groups[-1].append(r)
-        used += width[r]
-    for sel in groups:
-        yield _pack(tokens, rows, np.array(sel), width[sel], s)
+        groups[-1].append(i)
+        used += width[i]
+    return [np.array(g, dtype=np.int64) for g in groups if g]
 
 
 def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s: TTTSettings):
@@ -726,8 +731,8 @@ def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> floa
 
 def _phase_global_pass(model, adapters: Adapters | None, run: GlobalPass, tokens, docs) -> None:
     """A GlobalPass between TTT's batches: adapters off and the model eager meanwhile (compiled it
-    would need graphs of its own: trainable base weights, adapters off); its repeated shapes replay
-    as CUDA graphs (GlobalPass)."""
+    would need graphs of its own: trainable base weights, adapters off); its repeated micro-batch
+    shapes of up to GLOBAL_GRAPH_TOKENS replay as CUDA graphs."""
     regions, model.regions = model.regions, None
     if adapters is not None:
         adapters.enable(False)
@@ -829,6 +834,7 @@ class GlobalPass:
         opt = torch.optim.SGD(self.params, lr=s.global_lr, momentum=s.global_momentum)
         rank, world = rank_and_world()
         packed = packs(s, self.model, device)
+        work = functools.partial(_global_micro, self.model, self.autocast, s.seq_len)
         for p, view in self.views:
             p.requires_grad_(True)
             p.grad = view
@@ -840,9 +846,8 @@ class GlobalPass:
                     for flat in self.flats:
                         flat.zero_()
                     count = torch.zeros((), device=device, dtype=torch.float64)
-                    for arrays in (self._packed(tokens, mine) if packed else self._rows(tokens, mine)):
+                    for arrays in (self._packed_batches if packed else self._row_batches)(tokens, mine):
                         inputs = [_to_device(a, device) for a in arrays]
-                        work = functools.partial(_global_micro, self.model, self.autocast, s.seq_len)
                         key = ("global", self.key, arrays[0].shape)
                         graphed = self.graphs is not None and packed and arrays[0].shape[1] <= GLOBAL_GRAPH_TOKENS
                         [n] = self.graphs(key, work, inputs) if graphed else work(*inputs)
@@ -859,7 +864,7 @@ class GlobalPass:
                 p.grad = None
                 p.requires_grad_(False)
 
-    def _rows(self, tokens: np.ndarray, mine: np.ndarray):
+    def _row_batches(self, tokens: np.ndarray, mine: np.ndarray):
         """One zero-padded row per piece, up to s.global_micro_tokens tokens a pass: (x, y, valid)."""
         width = int((mine[:, 1] - mine[:, 0]).max()) if len(mine) else 1
         per_pass = max(1, self.s.global_micro_tokens // width)
@@ -867,21 +872,12 @@ class GlobalPass:
             x, y, valid, _ = _rows(tokens, mine[g0 : g0 + per_pass], 0, self.s.seq_len, width)
             yield x, y, valid
 
-    def _packed(self, tokens: np.ndarray, mine: np.ndarray):
+    def _packed_batches(self, tokens: np.ndarray, mine: np.ndarray):
         """The pieces end to end, up to s.global_micro_tokens tokens a pass: (x, y, valid) [1, T], then
         packed_doc_info's segment ids, cu_seqlens, positions and starts (`_segments`)."""
         s = self.s
         width = mine[:, 1] - mine[:, 0]
-        groups, used = [[]], 0
-        for i, w in enumerate(width):
-            if groups[-1] and used + w > s.global_micro_tokens:
-                groups.append([])
-                used = 0
-            groups[-1].append(i)
-            used += w
-        for sel in groups:
-            if not sel:
-                continue
+        for sel in _fill(np.arange(len(mine)), width, s.global_micro_tokens):
             first, T, win, pos, seg, cu = _segments(width[sel], s, s.global_batch_seqs)
             used = int(first[-1])
             idx = mine[sel, 0][win] + pos[:used]

@@ -36,7 +36,7 @@ import kernels
 from golf import dist
 from kernels.leaky_mlp import leaky_relu_sq_linear
 from kernels.softcap_ce import softcap_cross_entropy
-from golf.attention import attend, backend_name, doc_boundaries, flex_options, parse_flex_options, set_flex_options
+from golf.attention import at_queries, attend, backend_name, doc_boundaries, flex_options, parse_flex_options, set_flex_options
 from golf.bpb import ByteCounter, load_byte_sidecar
 from golf.config import Alias, Knob, KnobError, format_config, help_text, parse_knobs
 from golf.evaluate import evaluate_stream, target_bytes
@@ -175,6 +175,7 @@ KNOBS = (
     Knob("COMPILE", bool, None, "torch.compile the model (default: on with CUDA, off on CPU)"),
     Knob("TTT_LAYOUT", str, "auto", "TTT passes: packed (a step's windows end to end, varlen attention), rows (one padded row each), auto (packed on CUDA)"),
     Knob("TTT_PACK_BUCKET", int, 4096, "packed TTT passes are padded to a multiple of this many tokens, of a quarter of it below it (few shapes: few graphs)"),
+    Knob("TTT_LAST_LAYER_QUERIES", bool, True, "packed TTT passes run the last layer at the scored rows only (its keys and values at every row)"),
     Knob("TTT_CUDA_GRAPHS", int, 64, "most TTT pass shapes kept as CUDA graphs: a shape seen twice is captured, later passes replay it (CUDA only; 0: off)"),
     Knob("TTT_PRIME", bool, True, "compile TTT's regions before the training clock (throwaway adapters; only with TTT_COMPILE on), so the final TTT's warm-up finds the caches warm"),
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; warm-up logged apart: ~190 s cold, ~17 s after TTT_PRIME)"),
@@ -248,21 +249,25 @@ class Attention(nn.Module):
             self.attn_gate_w = nn.Parameter(torch.zeros(heads, cfg.gate_width))
 
     def forward(self, a: torch.Tensor, docs) -> torch.Tensor:
-        B, T, C = a.shape
-        q = self.c_q(a).view(B, T, self.heads, self.head_dim)
-        k = self.c_k(a).view(B, T, self.kv_heads, self.head_dim)
-        v = self.c_v(a).view(B, T, self.kv_heads, self.head_dim)
+        """Attention of every row of a [B, T, C], or of docs' query rows only ([1, Q, C] out; keys and
+        values still come from every row)."""
+        aq = at_queries(a, docs)
+        B, T, C = aq.shape
+        q = self.c_q(aq).view(B, T, self.heads, self.head_dim)
+        k = self.c_k(a).view(*a.shape[:2], self.kv_heads, self.head_dim)
+        v = self.c_v(a).view(*a.shape[:2], self.kv_heads, self.head_dim)
         # QK RMS-norm bounds the logits; the learned gain then sets their temperature per head
         positions = getattr(docs, "positions", None)  # research attention variants pass their own layout
-        q = self.rotary(rms_norm(q), positions) * self.q_gain.to(q.dtype)[:, None]
+        q_positions = positions if positions is None else at_queries(positions, docs)
+        q = self.rotary(rms_norm(q), q_positions) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k), positions)
         # autocast leaves the RMS-normed q, k in fp32; FlexAttention and FA3 need one dtype (v's, bf16)
         y = self.attend(q.to(v.dtype), k.to(v.dtype), v, docs)  # [B, T, H, D]
         if self.xsa:  # remove each head's component along its own position's (normalised) value vector
-            v_hat = F.normalize(v, dim=-1).repeat_interleave(self.heads // self.kv_heads, dim=2)
+            v_hat = F.normalize(at_queries(v, docs), dim=-1).repeat_interleave(self.heads // self.kv_heads, dim=2)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if hasattr(self, "attn_gate_w"):
-            gate = torch.sigmoid(self.gate_scale * F.linear(a[..., : self.gate_width], self.attn_gate_w.to(a.dtype)))
+            gate = torch.sigmoid(self.gate_scale * F.linear(aq[..., : self.gate_width], self.attn_gate_w.to(a.dtype)))
             y = y * gate.view(B, T, self.heads, -1)  # [B, T, H] here; per channel in the research trainer
         return self.proj(y.reshape(B, T, C))
 
@@ -320,8 +325,8 @@ class Block(nn.Module):
         and the MLP branch of the MLP lane, which the caller mixes."""
         x, a = self.attn_branch(x, x0, docs)
         if mlp_lane is not None:
-            return a, self.mlp_branch(mlp_lane)
-        x = x + a
+            return a, self.mlp_branch(at_queries(mlp_lane, docs))
+        x = at_queries(x, docs) + a
         return x + self.mlp_branch(x)
 
 
@@ -349,6 +354,7 @@ def parallel_decoder_layer(block, x, lane1, x0, docs, skip, skip_weight, skip_ga
     on the first parallel layer the stream before the skip)."""
     lane0 = mix_skip(x, skip, skip_weight, skip_gate)
     a, m = block(lane0, x0, docs, lane1)
+    lane0, lane1 = at_queries(lane0, docs), at_queries(lane1, docs)  # the last layer of a pruned forward
     post, resid = post.to(x.dtype), resid.to(x.dtype)
     return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
             resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -453,6 +459,12 @@ class GPT(nn.Module):
         """Final normed hidden states. Every piece of work goes through `run` (the compiled `call` in
         COMPILE_MODE=blocks), so no elementwise glue runs eagerly between the compiled layers."""
         docs = self.doc_info(idx) if docs is None else docs
+        # with query rows (golf.attention.Queries), the last layer and the output run at those rows
+        # only; every earlier layer still runs at every row, whose keys and values the last one reads
+        pruned = getattr(docs, "queries", None) is not None
+        if pruned and self.query_block() is None:
+            raise ValueError("query rows need a last layer that runs once (LOOP_END below NUM_LAYERS - 1)")
+        every = docs.every_row() if pruned else docs
         run = self.regions or call
         # one tensor passed as two arguments makes Dynamo compile another graph (it guards on `a is b`);
         # a view is a distinct argument at no cost
@@ -463,21 +475,27 @@ class GPT(nn.Module):
         skips, lanes = [], None
         gates = getattr(self, "skip_gates", None)
         for k, i in enumerate(order):
-            block = self.blocks[i]
+            block, layer_docs = self.blocks[i], docs if k == len(order) - 1 else every
             if k < n_enc:
-                x = run(block, x, x0, docs)
+                x = run(block, x, x0, layer_docs)
                 skips.append(x.view_as(x))
                 continue
             d = k - n_enc
             skip = (skips.pop(), self.skip_weights[d], None if gates is None else gates[d]) \
                 if d < self.num_skips and skips else (None, None, None)
             if i < self.parallel_start:
-                x = run(serial_decoder_layer, block, x, x0, docs, *skip)
+                x = run(serial_decoder_layer, block, x, x0, layer_docs, *skip)
                 continue
-            lanes = run(parallel_decoder_layer, block, x, x.view_as(x) if lanes is None else lanes[1], x0, docs, *skip,
+            lanes = run(parallel_decoder_layer, block, x, x.view_as(x) if lanes is None else lanes[1], x0, layer_docs, *skip,
                         self.parallel_post_lambdas[i], self.parallel_resid_lambdas[i])
             x = lanes[0]  # the skip of the next decoder step mixes into the attention lane
         return run(type(self).stream_output, self, x, lanes)
+
+    def query_block(self) -> int | None:
+        """The physical block of the evaluation order's last layer, the one a forward with query rows
+        runs at those rows only; None when it also runs earlier (a loop through the last layer)."""
+        order = layer_order(self.cfg, looping=True)
+        return order[-1] if order.count(order[-1]) == 1 else None
 
     def logits(self, idx: torch.Tensor, docs=None) -> torch.Tensor:
         return self.head(self.hidden(idx, docs))
@@ -955,6 +973,7 @@ def ttt_settings(cfg, n_docs: int, device: torch.device) -> TTTSettings:
         global_batch_seqs=cfg.global_ttt_batch_seqs, global_grad_clip=cfg.global_ttt_grad_clip,
         global_micro_tokens=cfg.global_ttt_micro_batch_tokens,
         micro_tokens=cfg.ttt_micro_batch_tokens, seed=cfg.seed, layout=cfg.ttt_layout, pack_bucket=cfg.ttt_pack_bucket,
+        last_layer_queries=cfg.ttt_last_layer_queries,
         graphs=cfg.ttt_cuda_graphs if device.type == "cuda" else 0,  # on CPU a replay is no faster
         compile=device.type == "cuda" if cfg.ttt_compile is None else cfg.ttt_compile)
 

@@ -20,10 +20,10 @@ from flex_tune import timed  # noqa: E402  (bench/ is the script's own directory
 
 
 def windows(total: int, seed: int) -> np.ndarray:
-    """Window lengths (multiples of 64, 64..2048) filling `total` tokens, as one TTT step's rows."""
+    """Window lengths (1..2048 tokens, unaligned as packed TTT windows are) filling `total` tokens."""
     rng, out = np.random.default_rng(seed), []
     while sum(out) < total:
-        out.append(min(total - sum(out), 64 * int(rng.integers(1, 33))))
+        out.append(min(total - sum(out), int(rng.integers(1, 2049))))
     return np.array(out)
 
 
@@ -50,6 +50,25 @@ def main() -> None:
     good = max(worst) < 0.1
     ok &= good
     print(f"check fa2_varlen T:{T} windows:{len(lens)} max_err out/dq/dk/dv:{'/'.join(f'{w:.3g}' for w in worst)} {'ok' if good else 'FAIL'}", flush=True)
+
+    # query rows (TTT's pruned last layer): each window's last 48 rows at most, against the same rows of
+    # the full output; gradients against the full backward of those rows' output gradient
+    nq = np.minimum(lens, 48)
+    index = torch.from_numpy(np.concatenate([np.arange(e - m, e) for e, m in zip(np.cumsum(lens), nq)])).to(dev)
+    q_cu = torch.tensor(np.concatenate(([0], np.cumsum(nq))), dtype=torch.int32, device=dev)
+    qq = q.detach()[index].requires_grad_()
+    kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
+    some = _flash2_varlen(qq, kk, vv, cu, 2048, q_cu, 2048)
+    some.backward(dout[index])
+    q.grad = k.grad = v.grad = None
+    full_dout = torch.zeros_like(dout).index_copy_(0, index, dout[index])
+    _flash2_varlen(q, k, v, cu, 2048).backward(full_dout)
+    errs = [(a.float() - b.float()).abs().max().item()
+            for a, b in ((some, out[index]), (qq.grad, q.grad[index]), (kk.grad, k.grad), (vv.grad, v.grad))]
+    good = max(errs) < 0.1
+    ok &= good
+    print(f"check fa2_varlen query rows:{index.numel()} max_err out/dq/dk/dv vs every row:"
+          f"{'/'.join(f'{e:.3g}' for e in errs)} {'ok' if good else 'FAIL'}", flush=True)
 
     def fa2_fb():
         o = _flash2_varlen(q, k, v, cu, 2048)

@@ -17,7 +17,8 @@ docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate si
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
 totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
 so far). --graphs 0,64 scores everything once without CUDA graphs and once with up to 64 (an A/B in
-one process; the bpb must agree). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
+one process; the bpb must agree); --queries 0,1 likewise without and with the last layer at the
+scored rows only (TTT_LAST_LAYER_QUERIES). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
 (1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
 time per step unprofiled, then under the profiler the kernel time against the wall time per step,
 kernel launches per step, and the largest kernels and host operators (golf/profile.py).
@@ -101,6 +102,8 @@ def main() -> None:
                     help="score the documents once per value of TTT_MICRO_BATCH_TOKENS, in one process")
     ap.add_argument("--graphs", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                     help="score once per value of TTT_CUDA_GRAPHS (0: none), e.g. 0,64: an A/B in one process")
+    ap.add_argument("--queries", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="score once per value of TTT_LAST_LAYER_QUERIES (default: the environment's), e.g. 0,1")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")
@@ -160,9 +163,10 @@ def main() -> None:
     if a.cold_docs:
         cold_profile(model, adapters, tokens, docs[order[: a.cold_docs]], byte_counts, s, device, autocast,
                      StepGraphs(device, a.graphs[0]) if a.graphs[0] else None)
-    runs = [(micro, g) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs]
-    for micro, graph_cap in runs:  # shapes are dynamic: no new compiled graphs per setting
-        s = dataclasses.replace(s, micro_tokens=micro)
+    queries = a.queries or [int(s.last_layer_queries)]
+    runs = [(micro, g, q) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs for q in queries]
+    for micro, graph_cap, q in runs:  # shapes are dynamic: no new compiled graphs per setting
+        s = dataclasses.replace(s, micro_tokens=micro, last_layer_queries=bool(q))
         step_graphs = StepGraphs(device, graph_cap, log=print) if graph_cap else None
         meter, mark = BpbMeter(device), [time.perf_counter(), 0]  # time and tokens at the last line
         if device.type == "cuda":
@@ -187,12 +191,14 @@ def main() -> None:
         scoring = time.perf_counter() - start
         peak = (f" peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB"  # reserved: graphs' pools, cache
                 f" peak_reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB" if device.type == "cuda" else "")
-        print(f"ttt_probe done micro_tokens:{micro} cuda_graphs:{graph_cap} tokens:{total} scoring:{scoring:.1f}s "
+        print(f"ttt_probe done micro_tokens:{micro} cuda_graphs:{graph_cap} last_layer_queries:{q} tokens:{total} "
+              f"scoring:{scoring:.1f}s "
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
               f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.6f}{peak}"
               + (f" step_graphs {step_graphs.stats()}" if step_graphs else ""), flush=True)
     ttt._nats = nats
-    for spec, graph_cap in [(p, g) for p in filter(None, a.profile.split(",")) for g in a.graphs]:
+    for spec, graph_cap, q in [(p, g, q) for p in filter(None, a.profile.split(",")) for g in a.graphs for q in queries]:
+        s = dataclasses.replace(s, last_layer_queries=bool(q))
         step_graphs = StepGraphs(device, graph_cap) if graph_cap else None
         length, _, count = spec.partition("x")
         ptokens = synthetic([int(length)] * int(count or s.batch_docs), cfg.vocab_size, cfg.seed + 1)
@@ -207,9 +213,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        print(f"profile_phase docs:{len(pdocs)}x{length} cuda_graphs:{graph_cap} steps:{steps[0]} wall:{wall:.3f}s "
+        print(f"profile_phase docs:{len(pdocs)}x{length} cuda_graphs:{graph_cap} last_layer_queries:{q} "
+              f"steps:{steps[0]} wall:{wall:.3f}s "
               f"ms_per_step:{1000 * wall / steps[0]:.2f} (unprofiled; the profile is of a second run)", flush=True)
-        for line in profile_lines(profile_steps(phase, 1, device, top=30), f"ttt_{len(pdocs)}x{length}_g{graph_cap}"):
+        for line in profile_lines(profile_steps(phase, 1, device, top=30), f"ttt_{len(pdocs)}x{length}_g{graph_cap}_q{q}"):
             print(line, flush=True)
     if a.compile:
         print(torch._dynamo.utils.compile_times(repr="str"), flush=True)

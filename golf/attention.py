@@ -7,6 +7,11 @@ Build the boundaries once per forward and pass them to every layer:
     info = doc_boundaries(input_ids)           # [B, T] token ids -> DocInfo
     y = attend(q, k, v, info)                  # q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]
 
+A packed batch may also name query rows (`Queries`): the rows a model's last layer computes when
+only they are scored (TTT scores a window's last chunk). Each segment's query rows are its last
+tokens, so a varlen kernel given the queries' own cu_seqlens aligns them causally with the segment's
+end; `attend` then takes q [1, Q, H, D] for k/v [1, T, Hkv, D].
+
 Backends, chosen from what is importable and the device (`backend_name` says which, for the log):
   "fa3"   FlashAttention 3 varlen on CUDA: the batch flattened to [B*T], segments given by cu_seqlens.
   "flex"  FlexAttention on CUDA: a block mask from per-token segment ids (causal & same segment).
@@ -21,7 +26,7 @@ Everything has static shapes under torch.compile(fullgraph=True); only eager FA3
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -105,12 +110,16 @@ def flex_options(device: torch.device, head_dim: int = 64) -> dict | None:
     return dict(options) or None
 
 
-def _flash2_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+def _flash2_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                   cu_q: torch.Tensor | None = None, max_q: int | None = None) -> torch.Tensor:
     """Causal FlashAttention 2 over the segments of a flattened batch: q [N, H, D], k/v [N, Hkv, D]
     (grouped-query heads handled by the kernel), cu_seqlens [S + 1] int32 (empty segments allowed),
-    max_len >= the longest segment; softmax scale 1/sqrt(D). The aten op carries its own backward
-    (a plain op to the compiler, so compiled graphs holding it stay cacheable)."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False)[0]
+    max_len >= the longest segment; softmax scale 1/sqrt(D). `cu_q`, `max_q`: q holds only each
+    segment's last rows (the kernel aligns a shorter query segment with its key segment's end). The
+    aten op carries its own backward (a plain op to the compiler, so compiled graphs holding it stay
+    cacheable)."""
+    cu_q, max_q = (cu, max_len) if cu_q is None else (cu_q, max_q)
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu, max_q, max_len, 0.0, True, False)[0]
 
 
 def _flex_fns(device: torch.device):
@@ -177,6 +186,17 @@ def segment_ids_from_starts(starts: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Queries:
+    """The query rows of a packed batch [1, T] (see the module docstring): for every segment, its last
+    tokens (possibly none), in segment order."""
+
+    index: torch.Tensor                 # [Q] int64: the rows' positions in the batch
+    cu_seqlens: torch.Tensor            # int32, as long as the batch's: segment s's rows are cu[s]..cu[s + 1]
+    max_seqlen: int                     # upper bound on one segment's query rows
+    mask: torch.Tensor | None = None    # sdpa: bool [1, 1, Q, T]
+
+
+@dataclass
 class DocInfo:
     """Segment layout of one batch, built once per forward and shared by every layer."""
 
@@ -188,6 +208,18 @@ class DocInfo:
     mask: object = None               # flex: BlockMask; sdpa: bool [B, 1, T, T] or None (is_causal)
     positions: torch.Tensor | None = None   # [B, T] rotary position of each token; None: its index in the row
     seq_starts: torch.Tensor | None = None  # [B, T] bool: tokens that begin a sequence (the smear stops there)
+    queries: Queries | None = None          # packed batches: rows whose outputs alone are needed (last layer)
+
+    def every_row(self) -> "DocInfo":
+        """The same layout with every row a query (what all layers but the last use)."""
+        return replace(self, queries=None)
+
+
+def at_queries(x: torch.Tensor, info) -> torch.Tensor:
+    """x [B, T, ...] at the query rows of `info` ([1, Q, ...]); x itself when every row is one (also
+    for the research trainer's own layouts, which have no queries)."""
+    queries = getattr(info, "queries", None)
+    return x if queries is None else x.flatten(0, 1).index_select(0, queries.index)[None]
 
 
 def doc_boundaries(input_ids: torch.Tensor, bos_id: int = BOS_ID, isolate: bool = True,
@@ -231,48 +263,63 @@ def packed_backend(device: torch.device | str) -> str:
 
 
 def packed_doc_info(segment_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, positions: torch.Tensor,
-                    seq_starts: torch.Tensor, backend: str | None = None) -> DocInfo:
+                    seq_starts: torch.Tensor, query_index: torch.Tensor | None = None,
+                    query_cu_seqlens: torch.Tensor | None = None, backend: str | None = None) -> DocInfo:
     """DocInfo of a packed batch [1, T] whose sequences the caller laid out (TTT windows of several
     documents, each from its own position 0): segment ids [1, T] int32, cu_seqlens int32 (its
     boundaries; may end with empty segments), max_seqlen >= the longest, positions [1, T] and
-    seq_starts [1, T] bool. Builds nothing that waits for the device."""
+    seq_starts [1, T] bool; optionally the query rows (`Queries`: their positions [Q] and cu_seqlens,
+    each segment's rows its last tokens). Builds nothing that waits for the device."""
     backend = backend or packed_backend(segment_ids.device)
-    mask = None
-    if backend == "sdpa":
-        T = segment_ids.shape[1]
-        pos = torch.arange(T, device=segment_ids.device)
-        mask = ((pos[:, None] >= pos[None, :]) & (segment_ids[:, :, None] == segment_ids[:, None, :])).unsqueeze(1)
-    elif backend not in ("fa3", "fa2"):
+    mask = queries = None
+    if backend not in ("fa3", "fa2", "sdpa"):
         raise ValueError(f"packed batches need a varlen backend (fa3, fa2) or sdpa, not {backend!r}")
-    return DocInfo(backend, True, segment_ids, cu_seqlens, max_seqlen, mask, positions, seq_starts)
+    T = segment_ids.shape[1]
+    pos = torch.arange(T, device=segment_ids.device)
+    if backend == "sdpa":
+        mask = ((pos[:, None] >= pos[None, :]) & (segment_ids[:, :, None] == segment_ids[:, None, :])).unsqueeze(1)
+    if query_index is not None:
+        qmask = None
+        if backend == "sdpa":
+            seg = segment_ids[0]
+            qmask = ((pos[None, :] <= query_index[:, None]) & (seg[query_index][:, None] == seg[None, :]))[None, None]
+        queries = Queries(query_index, query_cu_seqlens, min(max_seqlen, query_index.shape[0]), qmask)
+    return DocInfo(backend, True, segment_ids, cu_seqlens, max_seqlen, mask, positions, seq_starts, queries)
 
 
 # ----------------------------------------------------------------------------- attention
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: DocInfo) -> torch.Tensor:
     """q [B, T, H, D], k/v [B, T, Hkv, D] (H a multiple of Hkv) -> [B, T, H, D], softmax scale
-    1/sqrt(D), each token attending to itself and earlier tokens of its segment only."""
-    B, T, H, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D or H % k.shape[2]:
-        raise ValueError(f"expected q [B, T, H, D] and k, v [B, T, Hkv, D] with H a multiple of Hkv; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    1/sqrt(D), each token attending to itself and earlier tokens of its segment only. With
+    `info.queries`, q holds the query rows only: [1, Q, H, D] -> [1, Q, H, D]."""
+    B, T, H, D = k.shape[0], k.shape[1], q.shape[2], q.shape[3]
+    queries = info.queries
+    Tq = T if queries is None else queries.index.shape[0]
+    if k.shape != v.shape or q.shape[:2] != (B, Tq) or k.shape[3] != D or H % k.shape[2]:
+        raise ValueError(f"expected q [B, {'T' if queries is None else 'Q'}, H, D] and k, v [B, T, Hkv, D] with H a "
+                         f"multiple of Hkv; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if tuple(info.segment_ids.shape) != (B, T):
-        raise ValueError(f"DocInfo was built for a batch of {tuple(info.segment_ids.shape)}, q is for {(B, T)}")
+        raise ValueError(f"DocInfo was built for a batch of {tuple(info.segment_ids.shape)}, k is for {(B, T)}")
     gqa = k.shape[2] != H
     if info.backend in ("fa3", "fa2"):
         Hkv = k.shape[2]
-        flat = q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D)
+        flat = q.reshape(B * Tq, H, D), k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D)
+        cu_q, max_q = (info.cu_seqlens, info.max_seqlen) if queries is None else (queries.cu_seqlens, queries.max_seqlen)
         if info.backend == "fa2":
-            return _flash2_varlen(*flat, info.cu_seqlens, info.max_seqlen).view(B, T, H, D)
-        out = _fa3_varlen(*flat, info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen, causal=True)
+            return _flash2_varlen(*flat, info.cu_seqlens, info.max_seqlen, cu_q, max_q).view(B, Tq, H, D)
+        out = _fa3_varlen(*flat, cu_q, info.cu_seqlens, max_q, info.max_seqlen, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
-        return out.view(B, T, H, D)
+        return out.view(B, Tq, H, D)
+    if queries is not None and info.backend != "sdpa":
+        raise ValueError(f"query rows need a varlen backend (fa3, fa2) or sdpa, not {info.backend!r}")
     # FlexAttention and SDPA take [B, H, T, D]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = info.mask if queries is None else queries.mask
     if info.backend == "flex":
-        out = _flex_fns(q.device)[1](qt, kt, vt, block_mask=info.mask, enable_gqa=gqa,
+        out = _flex_fns(q.device)[1](qt, kt, vt, block_mask=mask, enable_gqa=gqa,
                                       kernel_options=flex_options(q.device, D))
-    elif info.mask is None:
+    elif mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=info.mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)

@@ -53,6 +53,7 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 # LoRA target name -> attribute path inside a block; "head" is the tied LM head (GPT.logits' head_delta)
 BLOCK_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "fc": "mlp.fc", "proj": "mlp.proj"}
 TARGETS = tuple(BLOCK_TARGETS) + ("head",)
+QUERY_SIDE = ("q", "o", "fc", "proj")  # a pruned last layer runs these at its query rows only (k, v at every row)
 LAYOUTS = ("auto", "packed", "rows")
 _CALLS = 0
 _COPIES = 0
@@ -77,13 +78,14 @@ class TTTSettings:
     global_batch_seqs: int = 32
     global_micro_tokens: int = 32768  # most tokens per forward/backward of the global pass (exact: accumulated)
     global_grad_clip: float = 1.0
-    pad_multiple: int = 64  # windows are right-padded to a multiple of this (few distinct shapes)
+    pad_multiple: int = 64  # rows layout: windows are right-padded to a multiple of this (few distinct shapes)
     micro_tokens: int = 65536  # most window tokens per forward/backward; a step's rows split into passes
     seed: int = 0
     compile: bool = False  # LoRA scoring runs the layers through torch.compile'd regions (dynamic shapes)
     graphs: int = 0  # most pass shapes kept as CUDA graphs (golf/step_graphs.py); 0: none
     layout: str = "auto"  # packed | rows | auto (packed on CUDA for models that allow it); see score_docs
     pack_bucket: int = 4096  # packed passes are [1, T] with T a multiple of this (few shapes)
+    last_layer_queries: bool = True  # packed passes run the model's last layer at the scored rows only (_pack)
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -181,6 +183,7 @@ class BatchedLoRA(nn.Module):
         self.a: torch.Tensor | None = None  # the current pass's rows of A and B
         self.b: torch.Tensor | None = None
         self.ends: torch.Tensor | None = None  # packed passes: where each row's tokens end (segment_matmul)
+        self.query_side = False  # runs at a pruned last layer's query rows (Adapters.select binds their ends)
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This adapter's A [K, in, r] and B [K, r, out] inside the rows of a [K, N] buffer."""
@@ -221,23 +224,25 @@ class Adapters:
         self.s, self.loras, self.hooks, self.head = s, [], [], None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered rows and their gradients
         r = s.lora_rank
+        query_block = getattr(model, "query_block", lambda: None)()
         targets = [(block.get_submodule(BLOCK_TARGETS[t]), block.get_submodule(BLOCK_TARGETS[t]).in_features,
-                    block.get_submodule(BLOCK_TARGETS[t]).out_features)
-                   for block in model.blocks for t in s.targets if t != "head"]
+                    block.get_submodule(BLOCK_TARGETS[t]).out_features, b == query_block and t in QUERY_SIDE)
+                   for b, block in enumerate(model.blocks) for t in s.targets if t != "head"]
         if "head" in s.targets:
             V, D = model.tok_emb.weight.shape
-            targets.append((None, D, V))
-        n = sum(r * (d_in + d_out) for _, d_in, d_out in targets)
+            targets.append((None, D, V, False))
+        n = sum(r * (d_in + d_out) for _, d_in, d_out, _ in targets)
         self.P = torch.zeros(slots, n, device=device)
         self.G = torch.zeros_like(self.P)
         self.M = torch.zeros_like(self.P) if s.beta1 > 0 else None  # beta1 = 0: the moment is the gradient
         self.V = torch.zeros_like(self.P)
         self.t = torch.zeros(slots, device=device)  # AdamW steps of each slot's document
         init, g, off = torch.zeros(n), torch.Generator().manual_seed(s.seed), 0
-        for module, d_in, d_out in targets:
+        for module, d_in, d_out, query_side in targets:
             bound = 1 / math.sqrt(d_in)
             init[off : off + d_in * r] = torch.rand(d_in * r, generator=g) * 2 * bound - bound
             lora = BatchedLoRA(off, d_in, r, d_out, self.P, self.G, s.lora_alpha / r)
+            lora.query_side = query_side
             off += r * (d_in + d_out)
             self.loras.append(lora)
             if module is None:
@@ -300,11 +305,12 @@ class Adapters:
                 self.t.index_copy_(0, rows, t)
 
     def select(self, rows: torch.Tensor | None, grad: bool = False, ends: torch.Tensor | None = None,
-               every_slot: bool = False) -> None:
+               every_slot: bool = False, query_ends: torch.Tensor | None = None) -> None:
         """The slots of the next pass's rows, trained if `grad`: `rows` (gathered copies; their
         gradients reach G through store_grads), None (every slot in order, untrained), or
         `every_slot` (row g is slot g: P's rows in place, gradients straight into G). `ends`: the pass
-        is packed and row i's tokens end at ends[i] (the head's rows are never packed)."""
+        is packed and row i's tokens end at ends[i] (the head's rows are never packed);
+        `query_ends`: the same over the query rows, for the adapters that run at those only."""
         self.pending = None
         if every_slot:
             src, grads = self.P, self.G if grad else None
@@ -315,7 +321,8 @@ class Adapters:
             grads = torch.zeros_like(src) if grad else None
             self.pending = (rows, grads) if grad else None
         for lora in self.loras:
-            lora.bind(src, grads, None if lora is self.head else ends)
+            lora.bind(src, grads, None if lora is self.head else query_ends if lora.query_side and query_ends is not None
+                      else ends)
 
     def store_grads(self) -> None:
         """After a pass's backward: gathered rows' gradients into G at their slots (a slot listed twice
@@ -474,18 +481,20 @@ def _pass(model, adapters: Adapters | None, autocast, backward: bool, seq_len: i
           slots, x, y, at, mask, weight, *packed) -> list[torch.Tensor]:
     """The device work of one pass (its tensors as score_docs builds them): the nats of the scored
     positions and, with `backward`, the backward of the training rows' mean losses into the adapters'
-    gradients. `packed` (segment ids, cu_seqlens, positions, starts, LoRA row ends; see _pack) when x
-    is a packed row. Reads nothing but its arguments and never waits for the GPU, so a CUDA graph can
-    replay it (golf/step_graphs.py)."""
+    gradients. `packed` (segment ids, cu_seqlens, positions, starts, LoRA row ends, and with query
+    rows their positions, cu_seqlens and LoRA row ends; see _pack) when x is a packed row. Reads
+    nothing but its arguments and never waits for the GPU, so a CUDA graph can replay it
+    (golf/step_graphs.py)."""
     # compiled regions: always with grad (a pass without training skips its backward), so no
     # separate no-grad graphs are compiled for it
     grad = backward or (adapters is not None and model.regions is not None)
     if adapters is not None:  # a packed pass of every slot has them in slot order (_pack)
         adapters.select(slots, grad, packed[4] if packed else None,
-                        every_slot=bool(packed) and slots.shape[0] == adapters.P.shape[0])
+                        every_slot=bool(packed) and slots.shape[0] == adapters.P.shape[0],
+                        query_ends=packed[7] if len(packed) > 5 else None)
     with torch.set_grad_enabled(grad):
         nats = _nats(model, x, y, adapters.head if adapters is not None else None, autocast, at,
-                     (packed[0], packed[1], seq_len, packed[2], packed[3]) if packed else None)
+                     (packed[0], packed[1], seq_len, *packed[2:4], *packed[5:7]) if packed else None)
     if backward:  # each training row's mean over its chunk; rows without a next chunk weigh 0
         ((nats * mask).sum(1) / mask.sum(1).clamp_min(1) * weight).sum().backward()
         adapters.store_grads()
@@ -498,6 +507,12 @@ def _adapter_step(adapters: Adapters, rows: torch.Tensor) -> list[torch.Tensor]:
     """The adapters' AdamW step as a replayable step (golf/step_graphs.py): no outputs."""
     adapters.step(rows)
     return []
+
+
+def last_layer_queries(s: TTTSettings, model, device) -> bool:
+    """Whether packed passes run the model's last layer at the scored rows only (_pack): packed, asked
+    for, and a model whose last layer runs once (GPT.query_block)."""
+    return s.last_layer_queries and packs(s, model, device) and getattr(model, "query_block", lambda: None)() is not None
 
 
 def packs(s: TTTSettings, model, device) -> bool:
@@ -557,16 +572,16 @@ def _row_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings, lone_copies: bo
         yield [rows.slots[sel], x, y, at, scored, rows.train[sel].astype(np.float32)], idx
 
 
-def _packed_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings):
-    """The packed layout: the windows (each padded to the pad multiple) laid end to end in one row per
-    pass, widest first, up to s.micro_tokens window tokens a pass (a wider window alone); the row is
-    padded to a multiple of s.pack_bucket (of a quarter of it when shorter), so passes take few shapes
-    and no work goes to padding rows out to the widest window. Attention stays inside each window
-    (varlen), each window's rotary positions start at 0, and each window trains its own slot's adapter
-    (segment_matmul)."""
-    width = rows.width(s)
+def _packed_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings, queries: bool = False):
+    """The packed layout: the windows laid end to end in one row per pass, widest first, up to
+    s.micro_tokens window tokens a pass (a wider window alone); the row is padded to a multiple of
+    s.pack_bucket (of a quarter of it when shorter), so passes take few shapes, and no work goes to
+    padding windows to a multiple or rows out to the widest window. Attention stays inside each
+    window (varlen), each window's rotary positions start at 0, and each window trains its own slot's
+    adapter (segment_matmul). `queries`: the last layer runs at the scored rows only (_pack)."""
+    width = rows.span
     for sel in _fill(np.argsort(-width, kind="stable"), width, s.micro_tokens):
-        yield _pack(tokens, rows, sel, width[sel], s)
+        yield _pack(tokens, rows, sel, width[sel], s, queries)
 
 
 def _fill(order: np.ndarray, width: np.ndarray, most: int) -> list[np.ndarray]:
@@ -581,7 +596,7 @@ def _fill(order: np.ndarray, width: np.ndarray, most: int) -> list[np.ndarray]:
     return [np.array(g, dtype=np.int64) for g in groups if g]
 
 
-def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s: TTTSettings):
+def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s: TTTSettings, queries: bool = False):
     """One packed pass of rows `sel`: x [1, T]; the chunk arrays as in the rows layout but with G rows
     (the unused ones unscored, weight 0) and `at` indexing into the packed row; then segment ids
     [1, T], cu_seqlens (fixed length for a G), positions [1, T], sequence starts [1, T] and the LoRA
@@ -593,7 +608,12 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     rows, about 13 ms of its 24 ms steps on an H100). Not one row for one window: Dynamo specialises
     sizes of 1, and those graphs (plain matmuls for the LoRA products) took the H100 prime from 189 to
     320 s and the warm-up from 24 to 47 s. Full passes gained nothing measurable from fewer rows, and
-    each G is a graph key of its own (G up to a power of two: 50 graphs in a phased run, against 28)."""
+    each G is a graph key of its own (G up to a power of two: 50 graphs in a phased run, against 28).
+    With `queries`, three arrays follow: the query rows (golf.attention.Queries: positions [Q] and
+    cu_seqlens) and their LoRA row ends [G], and `at` indexes the query rows instead of the packed
+    row. The model's last layer then runs at those rows only (its keys and values at every row):
+    every window's scored tokens, which end it, and as many more rows before them, or from the
+    padding, as make Q = min(G * chunk, T), a size fixed by the graph key."""
     n = len(sel)
     G = 2 if n <= 2 else max(2, s.batch_docs)
     every = G == s.batch_docs
@@ -612,14 +632,40 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     at, idx = np.zeros((G, s.chunk), dtype=np.int64), np.zeros((G, s.chunk), dtype=np.int64)
     scored = np.zeros((G, s.chunk), dtype=bool)
     at[row], scored[row] = np.where(scored_w, first[:n, None] + at_w, 0), scored_w
+    extra = []
+    if queries:
+        sc = scored_w.sum(1)  # each window's scored tokens: its last ones (packed windows are not padded)
+        q_index, q_cu = _query_rows(cu, sc, min(G * s.chunk, T))
+        q_ends = q_cu[np.searchsorted(row, np.arange(G), side="right")]
+        q_ends[row[-1] :] = q_cu[-1]
+        at[row] = np.where(scored_w, (q_cu[1 : n + 1] - sc)[:, None] + np.arange(s.chunk), 0)
+        extra = [q_index, q_cu, q_ends]
     idx[row] = rows.base[sel][:, None] + at_w  # input positions; their targets are idx + 1
     y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
     slots, weight = np.arange(G) if every else np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.float32)
     if not every:
         slots[:n] = rows.slots[sel]
     weight[row] = rows.train[sel]
-    arrays = [slots, x[None], y, at, scored, weight, seg[None], cu, pos[None], (pos == 0)[None], ends]
+    arrays = [slots, x[None], y, at, scored, weight, seg[None], cu, pos[None], (pos == 0)[None], ends] + extra
     return arrays, idx
+
+
+def _query_rows(cu: np.ndarray, need: np.ndarray, Q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q query rows over the segments of cu_seqlens `cu`, each segment's its last tokens: the first
+    len(need) segments (the windows) at least need[j]; the rest from the other segments (padding)
+    first, then from the windows' earlier tokens. Returns their positions [Q] (int64) and cu_seqlens
+    (int32, as long as cu). Q must be at least need.sum() and at most cu[-1]."""
+    length = np.diff(cu).astype(np.int64)
+    rows = np.zeros(len(length), dtype=np.int64)
+    rows[: len(need)] = need
+    spare = length - rows
+    order = np.concatenate((np.arange(len(need), len(length)), np.arange(len(need))))
+    left = Q - int(rows.sum())
+    before = np.cumsum(spare[order]) - spare[order]  # spare rows of the segments earlier in `order`
+    rows[order] += np.clip(left - before, 0, spare[order])
+    q_cu = np.concatenate(([0], np.cumsum(rows))).astype(np.int32)
+    index = np.repeat(cu[1:].astype(np.int64) - q_cu[1:], rows) + np.arange(Q)
+    return index, q_cu
 
 
 def _segments(width: np.ndarray, s: TTTSettings, most: int):
@@ -665,7 +711,7 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
     slot_doc = np.full(s.batch_docs, -1, dtype=np.int64)
     slot_chunk = np.zeros(s.batch_docs, dtype=np.int64)
     scored_tokens, taken, steps, more = 0, 0, 0, True
-    packed = packs(s, model, device)
+    packed, queries = packs(s, model, device), last_layer_queries(s, model, device)
     while True:
         free = np.flatnonzero(slot_doc < 0)
         if more and len(free):
@@ -685,7 +731,8 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
         w0 = np.maximum(0, hi - s.seq_len)
         rows = _Rows(active, docs[d, 0] + w0, hi - w0, lo - w0,
                      (hi < n) if adapters is not None else np.zeros(len(active), dtype=bool))
-        passes = _packed_passes(tokens, rows, s) if packed else _row_passes(tokens, rows, s, model.regions is not None)
+        passes = (_packed_passes(tokens, rows, s, queries) if packed else
+                  _row_passes(tokens, rows, s, model.regions is not None))
         for arrays, idx in passes:
             scored = arrays[4]
             inputs = [_to_device(a, device) for a in arrays]

@@ -149,15 +149,18 @@ def test_no_gradient_crosses_documents():
 
 
 def _fake_fa3_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-    """Stand-in for flash_attn_varlen_func ([total, H, D] layout): causal SDPA per segment."""
-    assert causal and cu_q is cu_k and q.dim() == 3 and cu_q.dtype == torch.int32
+    """Stand-in for flash_attn_varlen_func ([total, H, D] layout): causal SDPA per segment, a query
+    segment shorter than its key segment aligned with the key segment's end (as FlashAttention 2.1+
+    and 3 align them)."""
+    assert causal and q.dim() == 3 and cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
     rep = q.shape[1] // k.shape[1]
     out = torch.zeros_like(q)
-    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        assert e - s <= max_q
-        if e > s:  # padded cu_seqlens end with empty segments
-            kk, vv = (t[s:e].repeat_interleave(rep, dim=1).transpose(0, 1) for t in (k, v))
-            out[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), kk, vv, is_causal=True).transpose(0, 1)
+    for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        assert qe - qs <= max_q and ke - ks <= max_k and qe - qs <= ke - ks
+        if qe > qs:  # padded cu_seqlens end with empty segments
+            kk, vv = (t[ks:ke].repeat_interleave(rep, dim=1).transpose(0, 1) for t in (k, v))
+            allowed = torch.arange(ke - ks)[None, :] <= torch.arange(ke - ks - (qe - qs), ke - ks)[:, None]
+            out[qs:qe] = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), kk, vv, attn_mask=allowed).transpose(0, 1)
     return out, None  # (out, lse), as some FA3 versions return
 
 
@@ -180,8 +183,7 @@ def test_packed_batches_on_the_fa2_path_with_a_stand_in(monkeypatch):
     """TTT's packed rows on CUDA: packed_doc_info's cu_seqlens (ending with empty segments) through the
     FA2 varlen path, with a stand-in kernel, against the dense-mask backend on the same layout."""
     import golf.attention as ga
-    monkeypatch.setattr(ga, "_flash2_varlen",
-                        lambda q, k, v, cu, max_len: _fake_fa3_varlen(q, k, v, cu, cu, max_len, max_len, True)[0])
+    monkeypatch.setattr(ga, "_flash2_varlen", _fake_fa2_varlen)
     bounds = [0, 12, 30, 40]
     seg = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(np.diff(bounds)))[None]
     pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None]
@@ -194,6 +196,40 @@ def test_packed_batches_on_the_fa2_path_with_a_stand_in(monkeypatch):
     torch.testing.assert_close(attend(q, k, v, fa2), attend(q, k, v, dense), atol=1e-5, rtol=1e-5)
     ids = torch.where(pos == 0, BOS_ID, 5)  # the same segments, marked by BOS tokens
     torch.testing.assert_close(attend(q, k, v, dense), _reference(ids, q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def _fake_fa2_varlen(q, k, v, cu, max_len, cu_q=None, max_q=None):
+    """Stand-in for golf.attention._flash2_varlen."""
+    return _fake_fa3_varlen(q, k, v, cu if cu_q is None else cu_q, cu, max_len if max_q is None else max_q, max_len, True)[0]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fa2", "fa3"])
+def test_query_rows_attend_like_every_row(monkeypatch, backend):
+    """A packed batch's query rows (each segment's last tokens, some segments none) get the outputs
+    and gradients that the same rows get when every row is a query: the dense mask, and the varlen
+    paths through stand-ins that align a shorter query segment with its key segment's end."""
+    import golf.attention as ga
+    monkeypatch.setattr(ga, "_flash2_varlen", _fake_fa2_varlen)
+    monkeypatch.setattr(ga, "_fa3_varlen", _fake_fa3_varlen)
+    bounds, last = [0, 12, 30, 40], [3, 0, 10]  # the query rows of each segment: its last 3, none, all 10
+    seg = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(np.diff(bounds)))[None]
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None]
+    cu = torch.tensor(bounds + [40], dtype=torch.int32)
+    index = torch.cat([torch.arange(e - n, e) for e, n in zip(bounds[1:], last)])
+    q_cu = torch.tensor(np.concatenate(([0], np.cumsum(last), [13])), dtype=torch.int32)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 40, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    every = ga.packed_doc_info(seg, cu, 20, pos, pos == 0, backend="sdpa")
+    some = ga.packed_doc_info(seg, cu, 20, pos, pos == 0, index, q_cu, backend=backend)
+    assert some.queries.index is index and some.every_row().queries is None and some.every_row().cu_seqlens is cu
+    w = torch.randn(1, 13, 4, 8, generator=g)
+    ref = attend(q, k, v, every)[:, index]
+    got = attend(ga.at_queries(q, some), k, v, some)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"q \[B, Q, H, D\]"):
+        attend(q, k, v, some)
 
 
 def test_backend_choice_on_cpu():

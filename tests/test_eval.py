@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.shards import BOS_ID, load_stream
 from golf import ttt
+from golf.attention import packed_doc_info
 from golf.bpb import ByteCounter
 from golf.evaluate import document_pieces, evaluate_stream, pack_pieces, target_bytes, window_plan
 from tests.gloo_ranks import free_port, gloo_group
@@ -258,7 +260,8 @@ def test_packed_layout_scores_like_rows(model, val):
         m64 = copy.deepcopy(model).double()
         rows, r = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, batch_docs=4, layout="rows"))
         assert r["layout"] == "rows"
-        for extra in (dict(batch_docs=4), dict(batch_docs=4, micro_tokens=1), dict(batch_docs=8, pack_bucket=64)):
+        for extra in (dict(batch_docs=4), dict(batch_docs=4, micro_tokens=1), dict(batch_docs=8, pack_bucket=64),
+                      dict(batch_docs=4, last_layer_queries=False)):
             packed, r = ttt_scores(m64, tokens, bytes_, small_ttt(**kw, **extra, layout="packed"))
             assert r["layout"] == "packed"
             np.testing.assert_allclose(packed, rows, atol=1e-9)
@@ -270,7 +273,8 @@ def test_packed_windows_score_as_if_alone(switch):
     packed into one row (one starting mid-document, so with no BOS to stop the smear), each with its
     own slot's adapters (random, so every slot's delta differs), get the nats they get as rows of
     their own: two windows (2 gathered LoRA rows), and three, every slot (row g is slot g's, read in
-    place) with the slots out of order."""
+    place) with the slots out of order; each with the last layer at every row and at the query rows
+    only (its adapters' rows too)."""
     m = small_model(**switch).eval()
     tokens = np.random.default_rng(0).integers(2, 64, 200)
     tokens[[0, 90, 150]] = BOS_ID
@@ -281,12 +285,12 @@ def test_packed_windows_score_as_if_alone(switch):
             lora.B.normal_(std=0.1)
     off = torch.autocast("cpu", enabled=False)
     try:
-        for n, T in ((2, 64), (3, 80)):  # 40 + 16 (+ 24) window tokens, in buckets of 16
+        for (n, T), queries in itertools.product(((2, 64), (3, 80)), (False, True)):  # 36 + 13 (+ 20) window tokens, in buckets of 16
             rows = ttt._Rows(slots=np.array([2, 0, 1][:n]), base=np.array([30, 90, 150][:n]),
-                             span=np.array([36, 13, 20][:n]), offset=np.array([28, 5, 12][:n]),
+                             span=np.array([36, 13, 20][:n]), offset=np.array([30, 5, 12][:n]),
                              train=np.array([True, False, True][:n]))
-            [(arrays, idx)] = list(ttt._packed_passes(tokens, rows, s))
-            assert arrays[1].shape == (1, T) and len(arrays[0]) == max(n, 2)
+            [(arrays, idx)] = list(ttt._packed_passes(tokens, rows, s, queries))
+            assert arrays[1].shape == (1, T) and len(arrays[0]) == max(n, 2) and len(arrays) == (14 if queries else 11)
             with torch.no_grad():
                 got = ttt._pass(m, adapters, off, False, s.seq_len, *map(torch.from_numpy, arrays))[0]
             for j in range(n):
@@ -349,6 +353,37 @@ def test_packed_pass_lora_rows():
         starts = np.concatenate(([0], ends[:-1]))
         assert ((ends - starts)[held[:-1]] == 40).all() and ends[-1] == x.shape[1]
         assert (ends[held[-1] :] == x.shape[1]).all()  # the last window's row runs to the end: the padding
+
+
+def test_query_rows_are_each_segments_last_tokens():
+    """_query_rows: every window gets at least its scored rows; the rest of Q comes from the padding's
+    segments first, then from the windows' earlier tokens; each segment's rows are its last tokens,
+    in segment order, with cu_seqlens as long as the batch's."""
+    cu = np.array([0, 10, 14, 30, 34, 40, 40], dtype=np.int32)  # windows of 10, 4, 16; padding of 4 and 6; an empty one
+    for Q, rows in ((11, [3, 2, 6, 0, 0, 0]), (15, [3, 2, 6, 4, 0, 0]), (20, [3, 2, 6, 4, 5, 0]),
+                    (25, [7, 2, 6, 4, 6, 0]), (33, [10, 4, 9, 4, 6, 0]), (40, [10, 4, 16, 4, 6, 0])):
+        index, q_cu = ttt._query_rows(cu, np.array([3, 2, 6]), Q)
+        assert q_cu.dtype == np.int32 and len(q_cu) == len(cu) and np.diff(q_cu).tolist() == rows
+        expect = np.concatenate([np.arange(e - n, e) for e, n in zip(cu[1:], rows)])
+        assert index.dtype == np.int64 and index.tolist() == expect.tolist()
+
+
+def test_last_layer_queries_need_a_last_layer_that_runs_once(model, val):
+    """A loop through the last layer runs its block twice, at every row and at the query rows: TTT
+    then keeps the last layer at every row (and scores as before), and the model refuses query rows."""
+    tokens, bytes_ = val
+    looped = small_model(VOCAB_SIZE=VOCAB, seed=3, LOOP_START=2, LOOP_END=3, PARALLEL_START_LAYER=-1).eval()
+    assert looped.query_block() is None and model.query_block() == 3
+    assert not ttt.last_layer_queries(small_ttt(layout="packed"), looped, CPU)
+    assert ttt.last_layer_queries(small_ttt(layout="packed"), model, CPU)
+    assert not ttt.last_layer_queries(small_ttt(layout="packed", last_layer_queries=False), model, CPU)
+    assert not ttt.last_layer_queries(small_ttt(), model, CPU)  # rows on CPU
+    ttt_scores(looped, tokens, bytes_, small_ttt(layout="packed"))
+    seg = torch.zeros(1, 8, dtype=torch.int32)
+    info = packed_doc_info(seg, torch.tensor([0, 8], dtype=torch.int32), 8, torch.arange(8)[None],
+                           torch.arange(8)[None] == 0, torch.arange(6, 8), torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="LOOP_END below NUM_LAYERS - 1"):
+        looped.hidden(torch.full((1, 8), 5), info)
 
 
 def test_packed_layout_is_checked():

@@ -224,7 +224,7 @@ class Adapters:
         self.s, self.loras, self.hooks, self.head = s, [], [], None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered rows and their gradients
         r = s.lora_rank
-        query_block = getattr(model, "query_block", lambda: None)()
+        query_block = _query_block(model)
         targets = [(block.get_submodule(BLOCK_TARGETS[t]), block.get_submodule(BLOCK_TARGETS[t]).in_features,
                     block.get_submodule(BLOCK_TARGETS[t]).out_features, b == query_block and t in QUERY_SIDE)
                    for b, block in enumerate(model.blocks) for t in s.targets if t != "head"]
@@ -512,7 +512,12 @@ def _adapter_step(adapters: Adapters, rows: torch.Tensor) -> list[torch.Tensor]:
 def last_layer_queries(s: TTTSettings, model, device) -> bool:
     """Whether packed passes run the model's last layer at the scored rows only (_pack): packed, asked
     for, and a model whose last layer runs once (GPT.query_block)."""
-    return s.last_layer_queries and packs(s, model, device) and getattr(model, "query_block", lambda: None)() is not None
+    return s.last_layer_queries and packs(s, model, device) and _query_block(model) is not None
+
+
+def _query_block(model) -> int | None:
+    """The block a forward with query rows runs at those rows only (GPT.query_block; None: none)."""
+    return model.query_block() if hasattr(model, "query_block") else None
 
 
 def packs(s: TTTSettings, model, device) -> bool:
@@ -631,8 +636,7 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
     at_w, scored_w = rows.chunk(s, sel)
     at, idx = np.zeros((G, s.chunk), dtype=np.int64), np.zeros((G, s.chunk), dtype=np.int64)
     scored = np.zeros((G, s.chunk), dtype=bool)
-    at[row], scored[row] = np.where(scored_w, first[:n, None] + at_w, 0), scored_w
-    extra = []
+    scored[row], extra = scored_w, []
     if queries:
         sc = scored_w.sum(1)  # each window's scored tokens: its last ones (packed windows are not padded)
         q_index, q_cu = _query_rows(cu, sc, min(G * s.chunk, T))
@@ -640,6 +644,8 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
         q_ends[row[-1] :] = q_cu[-1]
         at[row] = np.where(scored_w, (q_cu[1 : n + 1] - sc)[:, None] + np.arange(s.chunk), 0)
         extra = [q_index, q_cu, q_ends]
+    else:
+        at[row] = np.where(scored_w, first[:n, None] + at_w, 0)
     idx[row] = rows.base[sel][:, None] + at_w  # input positions; their targets are idx + 1
     y = np.where(scored, tokens[idx + 1], 0).astype(np.int64)
     slots, weight = np.arange(G) if every else np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.float32)
@@ -651,7 +657,7 @@ def _pack(tokens: np.ndarray, rows: _Rows, sel: np.ndarray, width: np.ndarray, s
 
 
 def _query_rows(cu: np.ndarray, need: np.ndarray, Q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q query rows over the segments of cu_seqlens `cu`, each segment's its last tokens: the first
+    """Q query rows over the segments of cu_seqlens `cu`, each segment's rows its last tokens: the first
     len(need) segments (the windows) at least need[j]; the rest from the other segments (padding)
     first, then from the windows' earlier tokens. Returns their positions [Q] (int64) and cu_seqlens
     (int32, as long as cu). Q must be at least need.sum() and at most cu[-1]."""

@@ -271,18 +271,15 @@ def packed_doc_info(segment_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     seq_starts [1, T] bool; optionally the query rows (`Queries`: their positions [Q] and cu_seqlens,
     each segment's rows its last tokens). Builds nothing that waits for the device."""
     backend = backend or packed_backend(segment_ids.device)
-    mask = queries = None
+    mask = qmask = queries = None
     if backend not in ("fa3", "fa2", "sdpa"):
         raise ValueError(f"packed batches need a varlen backend (fa3, fa2) or sdpa, not {backend!r}")
-    T = segment_ids.shape[1]
-    pos = torch.arange(T, device=segment_ids.device)
-    if backend == "sdpa":
-        mask = ((pos[:, None] >= pos[None, :]) & (segment_ids[:, :, None] == segment_ids[:, None, :])).unsqueeze(1)
-    if query_index is not None:
-        qmask = None
-        if backend == "sdpa":
-            seg = segment_ids[0]
+    if backend == "sdpa":  # the varlen kernels take cu_seqlens alone
+        pos, seg = torch.arange(segment_ids.shape[1], device=segment_ids.device), segment_ids[0]
+        mask = ((pos[:, None] >= pos[None, :]) & (seg[:, None] == seg[None, :]))[None, None]
+        if query_index is not None:
             qmask = ((pos[None, :] <= query_index[:, None]) & (seg[query_index][:, None] == seg[None, :]))[None, None]
+    if query_index is not None:
         queries = Queries(query_index, query_cu_seqlens, min(max_seqlen, query_index.shape[0]), qmask)
     return DocInfo(backend, True, segment_ids, cu_seqlens, max_seqlen, mask, positions, seq_starts, queries)
 

@@ -173,7 +173,8 @@ class BatchedLoRA(nn.Module):
     into the same views of a [K, N] gradient buffer: every pass's leaves have the same strides, so the
     compiled regions take one graph for both kinds (Dynamo guards on strides)."""
 
-    def __init__(self, at: int, d_in: int, r: int, d_out: int, P: torch.Tensor, G: torch.Tensor, scale: float):
+    def __init__(self, at: int, d_in: int, r: int, d_out: int, P: torch.Tensor, G: torch.Tensor, scale: float,
+                 query_side: bool = False):
         super().__init__()
         self.at, self.dims = at, (d_in, r, d_out)
         self.A, self.B = self.views(P)
@@ -183,7 +184,7 @@ class BatchedLoRA(nn.Module):
         self.a: torch.Tensor | None = None  # the current pass's rows of A and B
         self.b: torch.Tensor | None = None
         self.ends: torch.Tensor | None = None  # packed passes: where each row's tokens end (segment_matmul)
-        self.query_side = False  # runs at a pruned last layer's query rows (Adapters.select binds their ends)
+        self.query_side = query_side  # runs at a pruned last layer's query rows (Adapters.select binds their ends)
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This adapter's A [K, in, r] and B [K, r, out] inside the rows of a [K, N] buffer."""
@@ -241,8 +242,7 @@ class Adapters:
         for module, d_in, d_out, query_side in targets:
             bound = 1 / math.sqrt(d_in)
             init[off : off + d_in * r] = torch.rand(d_in * r, generator=g) * 2 * bound - bound
-            lora = BatchedLoRA(off, d_in, r, d_out, self.P, self.G, s.lora_alpha / r)
-            lora.query_side = query_side
+            lora = BatchedLoRA(off, d_in, r, d_out, self.P, self.G, s.lora_alpha / r, query_side)
             off += r * (d_in + d_out)
             self.loras.append(lora)
             if module is None:

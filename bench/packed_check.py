@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from golf.attention import _flash2_varlen  # noqa: E402
-from golf.ttt import segment_matmul  # noqa: E402
+from kernels.segment_mm import segment_mm  # noqa: E402
 from flex_tune import timed  # noqa: E402  (bench/ is the script's own directory)
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     x = torch.randn(T, 512, device=dev, dtype=bf, generator=g).requires_grad_()
     A = (torch.randn(G, 512, 96, device=dev, dtype=bf, generator=g) * 0.05).requires_grad_()
     B = (torch.randn(G, 96, 2048, device=dev, dtype=bf, generator=g) * 0.05).requires_grad_()
-    y = segment_matmul(segment_matmul(x, A, ends), B, ends)
+    y = segment_mm(segment_mm(x, A, ends), B, ends)
     dy = torch.randn_like(y)
     y.backward(dy)
     got = [y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
@@ -125,7 +125,7 @@ def main() -> None:
     x.grad = A.grad = B.grad = None
 
     def grouped_fb():
-        segment_matmul(segment_matmul(x, A, ends), B, ends).backward(dy)
+        segment_mm(segment_mm(x, A, ends), B, ends).backward(dy)
     xp = torch.randn(rows, W, 512, device=dev, dtype=bf, generator=g).requires_grad_()
     Ap, Bp = A[:rows].detach().clone().requires_grad_(), B[:rows].detach().clone().requires_grad_()
     dyp = torch.randn(rows, W, 2048, device=dev, dtype=bf, generator=g)
@@ -138,7 +138,7 @@ def main() -> None:
     # both under torch.compile with dynamic shapes, at two packed lengths
     @torch.compile(dynamic=True, fullgraph=True)
     def layer(x, A, B, ends, q, k, v, cu, wy, wo):  # weighted sums: gradients of real (strided) layouts
-        return ((segment_matmul(segment_matmul(x, A, ends), B, ends) * wy).sum()
+        return ((segment_mm(segment_mm(x, A, ends), B, ends) * wy).sum()
                 + (_flash2_varlen(q, k, v, cu, 2048) * wo).float().sum())
     for n in (4096, 8192):
         sub_cu = cu.clamp_max(n)

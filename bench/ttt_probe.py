@@ -18,9 +18,11 @@ line; taken_tokens: the tokens of the documents started so far), then `ttt_probe
 totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
 so far). --graphs 0,64 scores everything once without CUDA graphs and once with up to 64 (an A/B in
 one process; the bpb must agree); --queries 0,1 likewise without and with the last layer at the
-scored rows only (TTT_LAST_LAYER_QUERIES). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
+scored rows only (TTT_LAST_LAYER_QUERIES); --kernels 0,1 likewise with the kernels switch off and on
+(GOLF_KERNELS: the LoRA products of passes with two LoRA rows through torch._grouped_mm or
+kernels/segment_mm.py). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
 (1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
-time per step unprofiled, then under the profiler the kernel time against the wall time per step,
+time per step unprofiled (a second run: the first captures graphs), then under the profiler the kernel time against the wall time per step,
 kernel launches per step, and the largest kernels and host operators (golf/profile.py).
 --cold-docs N first scores the first N documents once under Python's profiler, before anything else
 has run them: what a run pays on first sightings of shapes (the cold first run on an H100 was ~8 s
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from data.shards import load_stream  # noqa: E402
 from golf import ttt  # noqa: E402
@@ -104,6 +107,9 @@ def main() -> None:
                     help="score once per value of TTT_CUDA_GRAPHS (0: none), e.g. 0,64: an A/B in one process")
     ap.add_argument("--queries", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="score once per value of TTT_LAST_LAYER_QUERIES (default: the environment's), e.g. 0,1")
+    ap.add_argument("--kernels", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="score once per value of the kernels switch (GOLF_KERNELS; default: the environment's), "
+                         "e.g. 0,1: the LoRA products through torch._grouped_mm, then kernels/segment_mm.py")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--trace", action="store_true", help="one line per forward")
     ap.add_argument("--profile", default="", help="then profile phases of LENxDOCS documents, e.g. 4096x1,2048x64")
@@ -139,9 +145,13 @@ def main() -> None:
         p.requires_grad_(False)
     adapters = ttt.Adapters(model, s, s.batch_docs, device, a.backend if a.compile else None)
     t0 = time.perf_counter()
-    if a.compile:
+    switch = a.kernels or [int(kernels.enabled())]
+    if a.compile:  # each switch setting traces its own graphs (Dynamo guards on it): all compiled here
         model.regions = ttt.compiled_regions(a.backend)
-        print(f"compile_warmup:{ttt.warm_up(model, adapters, s, device, autocast):.1f}s graphs:{graphs()}", flush=True)
+        for k in switch:
+            kernels.set_enabled(bool(k))
+            print(f"compile_warmup:{ttt.warm_up(model, adapters, s, device, autocast):.1f}s kernels:{k} "
+                  f"graphs:{graphs()}", flush=True)
     nats = ttt._nats  # the untraced forward, for the profile
     if a.trace:
         last = [time.perf_counter()]
@@ -164,9 +174,11 @@ def main() -> None:
         cold_profile(model, adapters, tokens, docs[order[: a.cold_docs]], byte_counts, s, device, autocast,
                      StepGraphs(device, a.graphs[0]) if a.graphs[0] else None)
     queries = a.queries or [int(s.last_layer_queries)]
-    runs = [(micro, g, q) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs for q in queries]
-    for micro, graph_cap, q in runs:  # shapes are dynamic: no new compiled graphs per setting
+    runs = [(micro, g, q, k) for micro in a.micro_tokens or [s.micro_tokens] for g in a.graphs for q in queries
+            for k in switch]
+    for micro, graph_cap, q, k in runs:  # shapes are dynamic: no new compiled graphs per setting
         s = dataclasses.replace(s, micro_tokens=micro, last_layer_queries=bool(q))
+        kernels.set_enabled(bool(k))
         step_graphs = StepGraphs(device, graph_cap, log=print) if graph_cap else None
         meter, mark = BpbMeter(device), [time.perf_counter(), 0]  # time and tokens at the last line
         if device.type == "cuda":
@@ -191,14 +203,17 @@ def main() -> None:
         scoring = time.perf_counter() - start
         peak = (f" peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB"  # reserved: graphs' pools, cache
                 f" peak_reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB" if device.type == "cuda" else "")
-        print(f"ttt_probe done micro_tokens:{micro} cuda_graphs:{graph_cap} last_layer_queries:{q} tokens:{total} "
+        print(f"ttt_probe done micro_tokens:{micro} cuda_graphs:{graph_cap} last_layer_queries:{q} kernels:{k} "
+              f"tokens:{total} "
               f"scoring:{scoring:.1f}s "
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
               f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.6f}{peak}"
               + (f" step_graphs {step_graphs.stats()}" if step_graphs else ""), flush=True)
     ttt._nats = nats
-    for spec, graph_cap, q in [(p, g, q) for p in filter(None, a.profile.split(",")) for g in a.graphs for q in queries]:
+    for spec, graph_cap, q, k in [(p, g, q, k) for p in filter(None, a.profile.split(",")) for g in a.graphs
+                                  for q in queries for k in switch]:
         s = dataclasses.replace(s, last_layer_queries=bool(q))
+        kernels.set_enabled(bool(k))
         step_graphs = StepGraphs(device, graph_cap) if graph_cap else None
         length, _, count = spec.partition("x")
         ptokens = synthetic([int(length)] * int(count or s.batch_docs), cfg.vocab_size, cfg.seed + 1)
@@ -208,15 +223,19 @@ def main() -> None:
             ttt.score_docs(model, adapters, ptokens, pdocs, np.ones(len(ptokens), dtype=np.int64), s,
                            BpbMeter(device), device, autocast, on_step=lambda n, *_: steps.__setitem__(0, n),
                            graphs=step_graphs)
-        t = time.perf_counter()
-        phase()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-        print(f"profile_phase docs:{len(pdocs)}x{length} cuda_graphs:{graph_cap} last_layer_queries:{q} "
-              f"steps:{steps[0]} wall:{wall:.3f}s "
-              f"ms_per_step:{1000 * wall / steps[0]:.2f} (unprofiled; the profile is of a second run)", flush=True)
-        for line in profile_lines(profile_steps(phase, 1, device, top=30), f"ttt_{len(pdocs)}x{length}_g{graph_cap}_q{q}"):
+        walls = []
+        for _ in range(2):  # the first run captures the graphs
+            t = time.perf_counter()
+            phase()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t)
+        print(f"profile_phase docs:{len(pdocs)}x{length} cuda_graphs:{graph_cap} last_layer_queries:{q} kernels:{k} "
+              f"steps:{steps[0]} wall:{walls[0]:.3f}s then {walls[1]:.3f}s "
+              f"ms_per_step:{1000 * walls[1] / steps[0]:.2f} (unprofiled, the second run; the profile is of a third)",
+              flush=True)
+        for line in profile_lines(profile_steps(phase, 1, device, top=30),
+                                  f"ttt_{len(pdocs)}x{length}_g{graph_cap}_q{q}_k{k}"):
             print(line, flush=True)
     if a.compile:
         print(torch._dynamo.utils.compile_times(repr="str"), flush=True)

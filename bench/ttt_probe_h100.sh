@@ -10,7 +10,8 @@
 # its ms/step, kernel time against wall time, launches per step, kernels and host operators
 # (PROFILE=4096x1,2048x64: a long document's chain of 2-row steps, then full steps);
 # GRAPHS=0,64 scores (and profiles) once without and once with TTT_CUDA_GRAPHS=64, in one process;
-# QUERIES=0,1 likewise with TTT_LAST_LAYER_QUERIES off and on;
+# QUERIES=0,1 likewise with TTT_LAST_LAYER_QUERIES off and on; KERNELS=0,1 with the kernels switch
+# (GOLF_KERNELS) off and on;
 # EAGER_CAP=0 leaves out the eager run; PROBE_ARGS adds flags to the compiled run (e.g. --no-cudnn-sdpa).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ LENGTHS=${LENGTHS:-2600x64,900x64,300x64}
 PROFILE=${PROFILE:-}
 mkdir -p "$OUT"
 DOCS=(--lengths "$LENGTHS" --replicate "${REPLICATE:-1}" ${MICRO:+--micro-tokens "$MICRO"} ${GRAPHS:+--graphs "$GRAPHS"}
-      ${QUERIES:+--queries "$QUERIES"})
+      ${QUERIES:+--queries "$QUERIES"} ${KERNELS:+--kernels "$KERNELS"})
 if [ "${VAL:-0}" = 1 ]; then
   if [ ! -f "$BENCH/datasets/bench_sp8192/fineweb_val_000000.bin" ]; then
     "$PY" -m data benchmark-set --vocab 8192 --sources "$SOURCES" --out "$BENCH" > "$OUT/build_sp8192.log" 2>&1

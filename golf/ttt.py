@@ -45,6 +45,7 @@ from golf.bpb import BpbMeter
 from golf.dist import all_reduce_, rank_and_world
 from golf.evaluate import rank_range
 from golf.step_graphs import StepGraphs
+from kernels.segment_mm import segment_mm
 
 BOS_ID = 1
 # the adapters' leaves are strided views of flat buffers and their gradients the same views of another
@@ -149,22 +150,6 @@ def deal(n: int, world: int, slots: int) -> np.ndarray:
     return np.concatenate(head + [np.arange(first, n)]).astype(np.int64)
 
 
-def segment_matmul(x: torch.Tensor, W: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """x [N, in] @ W[g] [in, out] for the rows of each group g: rows ends[g-1]..ends[g] (int32
-    [G], non-decreasing, the last = N; empty groups allowed). torch._grouped_mm where it runs (bf16;
-    float32 on CPU outside torch.compile, whose shape rules take bf16 only; rows of a multiple of 16
-    bytes), else one masked matmul per group (same values, G times the work)."""
-    kernel_dtype = x.dtype == torch.bfloat16 or (
-        x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling())
-    if kernel_dtype and all(d * x.element_size() % 16 == 0 for d in W.shape[1:]):
-        return torch._grouped_mm(x, W, offs=ends)
-    group = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=ends.dtype), right=True)
-    out = x.new_zeros(x.shape[0], W.shape[2])
-    for g in range(W.shape[0]):
-        out = out + (group == g)[:, None].to(x.dtype) * (x @ W[g])
-    return out
-
-
 class BatchedLoRA(nn.Module):
     """delta(x) = (x @ A) @ B * alpha / r with one (A, B) per slot: A [S, in, r] and B [S, r, out] view
     columns `at`.. of each slot's row of the flat [S, N] buffers of `Adapters` (gA, gB its
@@ -183,7 +168,7 @@ class BatchedLoRA(nn.Module):
         self.active = True  # off during the global pass, which trains the base model alone
         self.a: torch.Tensor | None = None  # the current pass's rows of A and B
         self.b: torch.Tensor | None = None
-        self.ends: torch.Tensor | None = None  # packed passes: where each row's tokens end (segment_matmul)
+        self.ends: torch.Tensor | None = None  # packed passes: where each row's tokens end (kernels/segment_mm.py)
         self.query_side = query_side  # runs at a pruned last layer's query rows (Adapters.select binds their ends)
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +194,7 @@ class BatchedLoRA(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        delta = segment_matmul(segment_matmul(flat, A.to(dtype), self.ends), B.to(dtype), self.ends)
+        delta = segment_mm(segment_mm(flat, A.to(dtype), self.ends), B.to(dtype), self.ends)
         return (delta * self.scale).view(*x.shape[:-1], -1)
 
 
@@ -583,7 +568,7 @@ def _packed_passes(tokens: np.ndarray, rows: _Rows, s: TTTSettings, queries: boo
     s.pack_bucket (of a quarter of it when shorter), so passes take few shapes, and no work goes to
     padding windows to a multiple or rows out to the widest window. Attention stays inside each
     window (varlen), each window's rotary positions start at 0, and each window trains its own slot's
-    adapter (segment_matmul). `queries`: the last layer runs at the scored rows only (_pack)."""
+    adapter (kernels/segment_mm.py). `queries`: the last layer runs at the scored rows only (_pack)."""
     width = rows.span
     for sel in _fill(np.argsort(-width, kind="stable"), width, s.micro_tokens):
         yield _pack(tokens, rows, sel, width[sel], s, queries)

@@ -33,9 +33,9 @@ def test_ttt_probe_graphs_ab_and_profile():
     assert re.search(r"^cold_profile docs:2 tokens:\d+ wall:[0-9.]+s", out.stdout, re.M)
     assert re.search(r"^cold_profile cumulative .*score_docs", out.stdout, re.M)
     for g in (0, 2):
-        assert re.search(rf"^profile_phase docs:1x1000 cuda_graphs:{g} last_layer_queries:1 steps:21 .* ms_per_step:[0-9.]+",
+        assert re.search(rf"^profile_phase docs:1x1000 cuda_graphs:{g} last_layer_queries:1 kernels:1 steps:21 .* ms_per_step:[0-9.]+",
                          out.stdout, re.M)
-        assert re.search(rf"^profile ttt_1x1000_g{g}_q1: wall [0-9.]+ ms/step", out.stdout, re.M)
+        assert re.search(rf"^profile ttt_1x1000_g{g}_q1_k1: wall [0-9.]+ ms/step", out.stdout, re.M)
 
 
 def test_ttt_schedule_counts_steps_and_replays():

@@ -175,7 +175,7 @@ def test_plain_and_sliding_scores_ignore_future_tokens(model, val, stride, layou
 
 def small_ttt(**kw) -> ttt.TTTSettings:
     """Small settings; lora_rank 4 keeps the adapters' rows 16 bytes wide in float32, so packed passes
-    run torch._grouped_mm (segment_matmul) as on the GPU."""
+    run torch._grouped_mm (kernels/segment_mm.py's reference) as on the GPU."""
     base = dict(chunk=16, seq_len=48, batch_docs=2, lora_rank=4, lora_alpha=4.0, lr=3e-2, beta1=0.5,
                 weight_decay=0.1, pad_multiple=16, pack_bucket=32, global_lr=3e-2, global_batch_seqs=4)
     return ttt.TTTSettings(**{**base, **kw})
@@ -252,7 +252,7 @@ def float64():
 def test_packed_layout_scores_like_rows(model, val):
     """TTT_LAYOUT=packed lays a step's windows end to end in one row (varlen attention, rotary
     positions and the smear restarting at every window, one LoRA adapter per window through
-    segment_matmul) and must score exactly what one padded row per window scores: phased, float64 at
+    kernels/segment_mm.py) and must score exactly what one padded row per window scores: phased, float64 at
     a calm lr; also with every window its own pass (micro_tokens below a window) and with 8 slots."""
     tokens, bytes_ = val
     kw = dict(phase_ends=(2,), lr=CALM_LR, global_lr=CALM_LR)
@@ -305,27 +305,6 @@ def test_packed_windows_score_as_if_alone(switch):
                 torch.testing.assert_close(got[r][scored], alone[0], rtol=1e-5, atol=1e-5)
     finally:
         adapters.remove()
-
-
-def test_segment_matmul_is_a_matmul_per_group():
-    """segment_matmul (per-window LoRA in packed passes): torch._grouped_mm in float32 and bf16, the
-    masked fallback in float64 and for rows of other widths; values and gradients against one matmul
-    per group, with empty groups at the start, middle and end."""
-    ends = torch.tensor([0, 5, 5, 12, 20, 20], dtype=torch.int32)
-    bounds = [0] + ends.tolist()
-    for dtype, width, tol in ((torch.float32, 8, 1e-5), (torch.bfloat16, 8, 3e-2), (torch.float64, 8, 1e-12),
-                              (torch.float32, 3, 1e-5)):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(20, 8, generator=g).to(dtype).requires_grad_()
-        W = torch.randn(6, 8, width, generator=g).to(dtype).requires_grad_()
-        out = ttt.segment_matmul(x, W, ends)
-        ref = torch.cat([x[a:b].double() @ W[i].double() for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
-        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
-        w = torch.randn(out.shape, generator=g, dtype=torch.float64)
-        gx, gW = torch.autograd.grad((out.double() * w).sum(), (x, W))
-        rx, rW = torch.autograd.grad((ref * w).sum(), (x, W))
-        torch.testing.assert_close(gx.double(), rx.double(), rtol=tol, atol=tol)
-        torch.testing.assert_close(gW.double(), rW.double(), rtol=tol, atol=tol)
 
 
 def test_packed_pass_lora_rows():

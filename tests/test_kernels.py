@@ -14,6 +14,7 @@ import torch
 
 import kernels
 from kernels.leaky_mlp import leaky_relu_sq_linear, leaky_relu_sq_linear_reference
+from kernels.segment_mm import segment_mm, segment_mm_reference
 from kernels.softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,6 +202,97 @@ def test_mlp_validation():
         leaky_relu_sq_linear(x, w[:, :15], 0.5, use_kernel=True)
 
 
+# ----------------------------------------------------------------------------- segment matmul (LoRA rows)
+def _per_group(x, w, ends):
+    """float64, one matmul per group's rows; rows past the last end are zero."""
+    bounds = [0] + ends.tolist()
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64, device=x.device)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out[a:b] = x[a:b].double() @ w[i].double()
+    return out
+
+
+def _segment_case(m, k, n, ends, seed, dtype=torch.float32):
+    g = _gen(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(len(ends), k, n, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    return x, w, torch.tensor(ends, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("m,k,n,ends", [
+    (37, 24, 20, [10, 37]),                # two windows, a tile across the boundary
+    (37, 24, 20, [37, 37]),                # a chain step: one window, the second row empty
+    (150, 16, 24, [0, 40, 40, 117, 150]),  # empty groups first and in the middle; weight gradient in splits
+    (20, 8, 3, [5, 12, 20]),               # widths that are no multiple of 16 bytes (masked reference)
+])
+def test_segment_mm_is_a_matmul_per_group(use_kernel, m, k, n, ends):
+    """The reference (torch._grouped_mm, or a masked matmul per group) and the Triton kernels, which
+    use_kernel=True runs for every G: values and gradients of x and w against one float64 matmul per
+    group."""
+    x, w, e = _segment_case(m, k, n, ends, seed=m + n)
+    out = segment_mm(x, w, e, use_kernel=use_kernel)
+    ref = _per_group(x, w, e)
+    _close(out, ref, 1e-5, "y")
+    gy = torch.randn(out.shape, generator=_gen(1), dtype=torch.float64).to(DEVICE)
+    gx, gw = torch.autograd.grad((out.double() * gy).sum(), (x, w))
+    rx, rw = torch.autograd.grad((ref * gy).sum(), (x, w))
+    _close(gx, rx, 1e-5, "dx")
+    _close(gw, rw, 1e-5, "dw")
+
+
+def test_segment_mm_bf16_and_float64_reference():
+    """bf16 through both paths (the kernel upcasts loads under the interpreter); float64 takes the
+    reference's masked path exactly."""
+    x, w, e = _segment_case(40, 32, 16, [25, 40], seed=5, dtype=torch.bfloat16)
+    exact = _per_group(x, w, e)
+    for use in (False, True):
+        y = segment_mm(x, w, e, use_kernel=use)
+        assert y.dtype == torch.bfloat16
+        _close(y, exact, 2e-2, f"bf16 use_kernel={use}")
+    x, w, e = _segment_case(30, 8, 8, [0, 30], seed=6, dtype=torch.float64)
+    torch.testing.assert_close(segment_mm_reference(x, w, e), _per_group(x, w, e), rtol=1e-12, atol=1e-12)
+
+
+def test_segment_mm_dispatch_by_groups(monkeypatch):
+    """The op takes the Triton kernels up to SMALL_GROUPS groups and the reference beyond, inside one
+    custom op (no branch a compiled region would guard on)."""
+    import kernels.segment_mm as sm
+    ran = []
+    for name in ("_launch_mm", "segment_mm_reference"):
+        monkeypatch.setattr(sm, name, lambda x, w, e, name=name: ran.append(name) or x.new_zeros(x.shape[0], w.shape[2]))
+    x, w2, e2 = _segment_case(8, 16, 8, [3, 8], seed=0)
+    _, w3, e3 = _segment_case(8, 16, 8, [3, 5, 8], seed=0)
+    with torch.no_grad():
+        torch.ops.golf.segment_mm(x, w2, e2, sm.SMALL_GROUPS)
+        torch.ops.golf.segment_mm(x, w3, e3, 2)
+    assert ran == ["_launch_mm", "segment_mm_reference"]
+
+
+def test_segment_mm_compiles_once_for_any_groups():
+    """Compiled with dynamic shapes, one graph serves every row and group count (the dispatch on G
+    happens inside the op), and its values match eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda x, w, e: segment_mm(x, w, e, use_kernel=True).square().sum(), backend=counter,
+                       dynamic=True, fullgraph=True)
+    for m, ends in ((20, [7, 20]), (33, [5, 9, 20, 33]), (12, [12, 12])):
+        x, w, e = _segment_case(m, 16, 8, ends, seed=m)
+        _close(fn(x, w, e), _per_group(x, w, e).square().sum(), 1e-5, f"compiled m={m}")
+    assert counter.frame_count == 1
+
+
+def test_segment_mm_validation():
+    x, w, e = _segment_case(10, 8, 8, [4, 10], seed=0)
+    with pytest.raises(ValueError, match="int32"):
+        segment_mm(x, w, e.long(), use_kernel=True)
+    with pytest.raises(ValueError, match="need x"):
+        segment_mm(x, w[:, :4], e, use_kernel=True)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        segment_mm(x, w.double(), e, use_kernel=True)
+
+
 # ----------------------------------------------------------------------------- switch, compile, registrations
 def test_switch_selects_reference(monkeypatch):
     import kernels.leaky_mlp as lm
@@ -248,6 +340,9 @@ def test_opcheck_registrations():
                           (x.requires_grad_(), w.requires_grad_(), 0.5))
     torch.library.opcheck(torch.ops.golf.leaky_relu_sq_backward.default,
                           (torch.randn(20, 24, device=DEVICE), torch.randn(20, 24, device=DEVICE), 0.5))
+    x, w, e = _segment_case(40, 16, 24, [15, 40], seed=2)
+    torch.library.opcheck(torch.ops.golf.segment_mm.default, (x, w, e, 2))
+    torch.library.opcheck(torch.ops.golf.segment_mm_tn.default, (x.detach(), torch.randn(40, 24, device=DEVICE), e, 2))
 
 
 def test_fake_tensor_shapes():

@@ -15,7 +15,7 @@ benchmark set's 1,621 documents; PHASED_TTT_NUM_PHASES=0 for all) and runs no gl
 Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a line `progress steps:N
 docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
-totals; with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
+totals (new_triton_kernels: kernels JIT-compiled during the run, the warm-up's misses); with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
 so far). --graphs 0,64 scores everything once without CUDA graphs and once with up to 64 (an A/B in
 one process; the bpb must agree); --queries 0,1 likewise without and with the last layer at the
 scored rows only (TTT_LAST_LAYER_QUERIES); --kernels 0,1 likewise with the kernels switch off and on
@@ -71,6 +71,13 @@ def parse_lengths(spec: str) -> list[int]:
         n, _, count = part.partition("x")
         out += [int(n)] * int(count or 1)
     return out
+
+
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache: a count that grows by one per kernel JIT-compiled for the first
+    time on this machine (Inductor's at compile time; kernels/*.py's at their first launch)."""
+    d = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return len(list(d.iterdir())) if d.is_dir() else 0
 
 
 def graphs() -> int:
@@ -195,7 +202,8 @@ def main() -> None:
                       f"graphs:{graphs()} taken_tokens:{taken_lengths[taken]}", flush=True)
                 mark[:] = [now, tokens_done]
 
-        start = mark[0] = time.perf_counter()
+        start, jit = time.perf_counter(), triton_cache_entries()
+        mark[0] = start
         total = ttt.score_docs(model, adapters, tokens, docs[order], byte_counts, s, meter, device, autocast,
                                on_step=progress, graphs=step_graphs)
         if device.type == "cuda":
@@ -207,7 +215,8 @@ def main() -> None:
               f"tokens:{total} "
               f"scoring:{scoring:.1f}s "
               f"tokens_per_s:{total / scoring:.0f} window_tokens_per_s:{window_tokens / scoring:.0f} "
-              f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} bpb:{meter.result()[1]:.6f}{peak}"
+              f"wall:{time.perf_counter() - t0:.1f}s graphs:{graphs()} new_triton_kernels:{triton_cache_entries() - jit} "
+              f"bpb:{meter.result()[1]:.6f}{peak}"
               + (f" step_graphs {step_graphs.stats()}" if step_graphs else ""), flush=True)
     ttt._nats = nats
     for spec, graph_cap, q, k in [(p, g, q, k) for p in filter(None, a.profile.split(",")) for g in a.graphs

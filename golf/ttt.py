@@ -749,15 +749,18 @@ def score_docs(model, adapters: Adapters | None, tokens, docs, byte_counts, s: T
 
 def warm_up(model, adapters: Adapters, s: TTTSettings, device, autocast) -> float:
     """Compiles the regions before the first real document, so their compile time is reported apart
-    from scoring: random tokens, three documents of one to three chunks (3 rows, then 2; adapter steps
-    and last chunks), with throwaway scores, then an AdamW step of every slot (the masked step's graph);
-    the slots are reset afterwards. Returns the seconds taken."""
+    from scoring: random tokens, two documents of four chunks and one of two, with throwaway scores:
+    steps of 3 rows that train, then 2 rows that train (a packed pass of two LoRA rows with a backward:
+    the first launches of kernels/segment_mm.py's backward kernels, whose Triton JIT took 3.7 s of a
+    phased run's first phase when this warm-up had no such step), then 2 rows of last chunks. Then an
+    AdamW step of every slot (the masked step's graph); the slots are reset afterwards. Returns the
+    seconds taken."""
     t0 = time.perf_counter()
-    n = 2 * s.chunk + 5
+    n = 3 * s.chunk + 5
     vocab = model.tok_emb.weight.shape[0]
     tokens = np.random.default_rng(0).integers(2, vocab, 3 * n + 1)
     tokens[[0, n, 2 * n, 3 * n]] = BOS_ID
-    docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - s.chunk]], dtype=np.int64)
+    docs = np.array([[0, n], [n, 2 * n], [2 * n, 3 * n - 2 * s.chunk]], dtype=np.int64)
     score_docs(model, adapters, tokens, docs, np.ones(len(tokens), dtype=np.int64), s, BpbMeter(device),
                device, autocast)
     adapters.step(adapters.slot_rows(np.arange(adapters.P.shape[0])))

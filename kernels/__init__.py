@@ -2,6 +2,7 @@
 
   kernels/softcap_ce.py   softcap_cross_entropy: fused softcapped cross-entropy (forward + backward)
   kernels/leaky_mlp.py    leaky_relu_sq_linear: fused x @ w.T + LeakyReLU(slope)^2 (backward reuses h)
+  kernels/segment_mm.py   segment_mm: rows times their group's matrix (TTT's packed LoRA products)
 
 The switch: the environment variable GOLF_KERNELS, read once on first use ("0", "false", "no" or
 "off" = the plain PyTorch references everywhere; anything else or unset = the Triton kernels).

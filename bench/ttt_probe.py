@@ -15,15 +15,17 @@ benchmark set's 1,621 documents; PHASED_TTT_NUM_PHASES=0 for all) and runs no gl
 Compiled, first `compile_warmup:S` (golf.ttt.warm_up). Every --every seconds a line `progress steps:N
 docs:D/T tokens:N seconds:S tokens_per_s:R graphs:G taken_tokens:N` (the rate since the previous
 line; taken_tokens: the tokens of the documents started so far), then `ttt_probe done ...` with the
-totals (new_triton_kernels: kernels JIT-compiled during the run, the warm-up's misses); with --trace, one line per forward (window width, rows, seconds since the previous one, graphs
-so far). --graphs 0,64 scores everything once without CUDA graphs and once with up to 64 (an A/B in
-one process; the bpb must agree); --queries 0,1 likewise without and with the last layer at the
-scored rows only (TTT_LAST_LAYER_QUERIES); --kernels 0,1 likewise with the kernels switch off and on
+totals (new_triton_kernels: kernels JIT-compiled during the run, the warm-up's misses); with --trace,
+one line per forward (window width, rows, seconds since the previous one, graphs so far).
+--graphs 0,64 scores everything once without CUDA graphs and once with up to 64 (an A/B in one
+process; the bpb must agree); --queries 0,1 likewise without and with the last layer at the scored
+rows only (TTT_LAST_LAYER_QUERIES); --kernels 0,1 likewise with the kernels switch off and on
 (GOLF_KERNELS: the LoRA products of passes with two LoRA rows through torch._grouped_mm or
-kernels/segment_mm.py). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN tokens long
-(1 document: the chain of 2-row steps of a long document; the slots' count: full steps), its wall
-time per step unprofiled (a second run: the first captures graphs), then under the profiler the kernel time against the wall time per step,
-kernel launches per step, and the largest kernels and host operators (golf/profile.py).
+kernels/segment_mm.py). With --profile LENxDOCS,..., for each entry one phase of DOCS documents LEN
+tokens long (1 document: the chain of 2-row steps of a long document; the slots' count: full steps),
+its wall time per step unprofiled (a second run: the first captures graphs), then under the profiler
+the kernel time against the wall time per step, kernel launches per step, and the largest kernels
+and host operators (golf/profile.py).
 --cold-docs N first scores the first N documents once under Python's profiler, before anything else
 has run them: what a run pays on first sightings of shapes (the cold first run on an H100 was ~8 s
 slower than a warm one) shows as the largest functions by cumulative and by own time.

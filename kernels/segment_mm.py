@@ -132,7 +132,7 @@ if HAVE_TRITON:
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         mask = (rk[:, None] < K) & (rn[None, :] < N)
-        ptrs = out_ptr + s * stride_os + g * stride_og + rk[:, None] * N + rn[None, :]
+        ptrs = out_ptr + s.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og + rk[:, None] * N + rn[None, :]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit

@@ -488,6 +488,28 @@ def test_the_device_step_never_waits_for_the_device(model, val, monkeypatch, lay
     assert calls.count("_pass") > 10 and calls.count("_adapter_step") > 10, calls
 
 
+def test_warm_up_runs_every_kind_of_packed_pass(model, monkeypatch):
+    """The warm-up (and so TTT_PRIME) runs packed passes of every slot with a backward, of two LoRA rows
+    with a backward and without one: kernels first launched later (kernels/segment_mm.py's Triton
+    backward, JIT-compiled at first use) would cost compile time inside the scored phases."""
+    seen, pack = set(), ttt._pack
+
+    def record(tokens, rows, sel, width, s, queries=False):
+        arrays, idx = pack(tokens, rows, sel, width, s, queries)
+        seen.add((len(arrays[0]), bool(arrays[5].any())))  # (LoRA rows, trains)
+        return arrays, idx
+    monkeypatch.setattr(ttt, "_pack", record)
+    s = small_ttt(layout="packed", batch_docs=4)
+    m = copy.deepcopy(model).eval()
+    adapters = ttt.Adapters(m, s, s.batch_docs, CPU)
+    try:
+        with ttt._frozen(m):
+            ttt.warm_up(m, adapters, s, CPU, torch.autocast("cpu", enabled=False))
+    finally:
+        adapters.remove()
+    assert {(4, True), (2, True), (2, False)} <= seen, seen
+
+
 def test_prime_leaves_the_model_as_it_was_and_ttt_scores_the_same(model, val):
     """TTT_PRIME: compiling TTT's regions ahead with throwaway adapters changes nothing a later
     evaluation or training sees: weights, modes, requires_grad, hooks, regions; scores bit for bit."""

@@ -42,15 +42,25 @@ SMALL_GROUPS = 2  # up to this many groups the Triton kernels run; beyond it tor
 SPLIT_ROWS = 32 if _INTERPRET else 256  # rows per program of the weight gradient (split-K), at least
 
 
-def segment_mm_reference(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm where it runs (bf16; float32 on CPU outside torch.compile, whose shape rules
-    take bf16 only; rows of a multiple of 16 bytes), else one masked matmul per group (same values,
-    G times the work)."""
+def _grouped_mm_runs(x: torch.Tensor, widths) -> bool:
+    """Whether torch._grouped_mm takes x with these row widths: bf16, or float32 on CPU outside
+    torch.compile (whose shape rules take bf16 only); rows of a multiple of 16 bytes."""
     kernel_dtype = x.dtype == torch.bfloat16 or (
         x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling())
-    if kernel_dtype and all(d * x.element_size() % 16 == 0 for d in w.shape[1:]):
+    return kernel_dtype and all(d * x.element_size() % 16 == 0 for d in widths)
+
+
+def _row_groups(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Each row's group (G for rows past the last end)."""
+    return torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=ends.dtype), right=True)
+
+
+def segment_mm_reference(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm where it runs (_grouped_mm_runs), else one masked matmul per group (same
+    values, G times the work)."""
+    if _grouped_mm_runs(x, w.shape[1:]):
         return torch._grouped_mm(x, w, offs=ends)
-    group = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=ends.dtype), right=True)
+    group = _row_groups(x, ends)
     out = x.new_zeros(x.shape[0], w.shape[2])
     for g in range(w.shape[0]):
         out = out + (group == g)[:, None].to(x.dtype) * (x @ w[g])
@@ -59,10 +69,9 @@ def segment_mm_reference(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -
 
 def _reference_tn(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """dw [G, K, N] of segment_mm_reference: torch._grouped_mm's own weight gradient, or per group."""
-    kernel_dtype = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and x.device.type == "cpu")
-    if kernel_dtype and all(d * x.element_size() % 16 == 0 for d in (x.shape[1], dy.shape[1])):
+    if _grouped_mm_runs(x, (x.shape[1], dy.shape[1])):
         return torch._grouped_mm(x.t(), dy, offs=ends)
-    group = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=ends.dtype), right=True)
+    group = _row_groups(x, ends)
     return torch.stack([x.t() @ ((group == g)[:, None].to(dy.dtype) * dy) for g in range(len(ends))])
 
 
@@ -159,6 +168,12 @@ def _blocks(n: int) -> int:
     return 16 if _INTERPRET else (32 if n % 64 else 64)
 
 
+def _launch_options(x: torch.Tensor) -> dict:
+    """The kernels' shared launch arguments: the interpreter's upcast, fp32's exact dot, the warps."""
+    return {"UPCAST": _INTERPRET, "PRECISION": "ieee" if x.dtype == torch.float32 else None,
+            **({} if _INTERPRET else {"num_warps": 4, "num_stages": 3})}
+
+
 def _launch_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     (m, k), (g, _, n) = x.shape, w.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -168,9 +183,7 @@ def _launch_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _segment_mm_kernel[grid](x, w, ends, y, m, n, k, g, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                              w.stride(2), y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                             BLOCK_G=max(2, triton.next_power_of_2(g)), UPCAST=_INTERPRET,
-                             PRECISION="ieee" if x.dtype == torch.float32 else None,
-                             **({} if _INTERPRET else {"num_warps": 4, "num_stages": 3}))
+                             BLOCK_G=max(2, triton.next_power_of_2(g)), **_launch_options(x))
     return y
 
 
@@ -186,9 +199,7 @@ def _launch_tn(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor) -> torch.T
     grid = (triton.cdiv(k, bk) * triton.cdiv(n, bn), g, splits)
     _segment_mm_tn_kernel[grid](x, dy, ends, part, m, k, n, rows, x.stride(0), x.stride(1), dy.stride(0),
                                 dy.stride(1), 0 if splits == 1 else g * k * n, k * n,
-                                BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, UPCAST=_INTERPRET,
-                                PRECISION="ieee" if x.dtype == torch.float32 else None,
-                                **({} if _INTERPRET else {"num_warps": 4, "num_stages": 3}))
+                                BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, **_launch_options(x))
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](part, out, splits, out.numel(), BLOCK=block)
@@ -241,7 +252,7 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, use_kern
     = the switch (kernels.enabled(), CUDA tensors only; the Triton kernels for up to SMALL_GROUPS
     groups), True = the Triton kernels for every G (tests: also on CPU under TRITON_INTERPRET=1),
     False = segment_mm_reference."""
-    if not use_triton(x, use_kernel, _INTERPRET) or not HAVE_TRITON:
+    if not use_triton(x, use_kernel, _INTERPRET):  # it also checks that Triton imports
         return segment_mm_reference(x, w, ends)
     if x.dtype != w.dtype:
         raise TypeError(f"segment_mm: x and w dtypes differ ({x.dtype}, {w.dtype})")

@@ -5,6 +5,10 @@
 #       clips (FIT_BUDGET=0: bytes as they come, over the cap or not): bytes and val_bpb gap
 #   CKPT=... bench/quant_eval_h100.sh eval     GPTQ+LQER round trip, sliding windows (stride 64), phased TTT
 #   CKPT=... bench/quant_eval_h100.sh lora     GPTQ+LQER round trip, LoRA TTT without global phases
+#   CKPT=... bench/quant_eval_h100.sh share    phased TTT on one GPU's share of the public evaluation:
+#       6,250 documents drawn from the val shard (bench/val_share.py), global passes after 104, 208 and
+#       312 of them (a rank's share of the public 833/1,666/2,500), 4 pieces a global SGD step (a
+#       rank's share of 32); its bpb counts repeats, only its time and tokens/s are for reporting
 # The checkpoint's Hessians (<RUN_ID>_hessians.bin) must sit beside it. Val data as in record_h100.sh;
 # PHASED_TTT_PREFIX_DOCS defaults to 0.05 (the public 2,500 of 50,000 documents, scaled to 1,621).
 # Logs go to OUT, the re-quantized model bytes to BINS (default OUT).
@@ -29,5 +33,9 @@ case "$MODE" in
       --variant int8:QUANT_METHOD=int8 2>&1 | tee "$OUT/rq_table.log" ;;
   eval) rq all_stages --stages EVAL_STRIDE=64 ;;
   lora) rq lora_ttt --stages EVAL_STRIDE=0 PHASED_TTT_NUM_PHASES=0 ;;
-  *) echo "usage: $0 quant|eval|lora" >&2; exit 2 ;;
+  share)
+    "$PY" bench/val_share.py --data "$DATA_PATH" --out "$BENCH/datasets/val_share" | tee "$OUT/val_share.log"
+    rq share_ttt --stages DATA_PATH="$BENCH/datasets/val_share" EVAL_STRIDE=0 PHASED_TTT_NUM_PHASES=3 \
+      PHASED_TTT_PREFIX_DOCS=312 GLOBAL_TTT_BATCH_SEQS=4 ;;
+  *) echo "usage: $0 quant|eval|lora|share" >&2; exit 2 ;;
 esac

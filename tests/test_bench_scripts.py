@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.trainer_runs import ROOT, TINY, clean_env
@@ -70,3 +71,31 @@ def test_global_pass_probe_times_each_round_and_profiles(layout, extra):
         replays = re.search(r"^global_pass cuda_graphs graphs:\d+ captures:(\d+) replays:(\d+)", out.stdout, re.M)
         assert replays and int(replays.group(2)) > 0, out.stdout
     assert re.search(r"^profile global_pass_3: wall [0-9.]+ ms/step", out.stdout, re.M)
+
+
+def test_val_share_repeats_whole_documents_with_their_bytes(tmp_path):
+    """bench/val_share.py: every document of the source appears once per pass (before the cut), each
+    starts at BOS with its own tokens, and the byte sidecar follows the same documents."""
+    from data.shards import BOS_ID, load_shard, write_shard
+    sys.path.insert(0, str(ROOT / "bench"))
+    from val_share import build_share
+
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = [np.array([BOS_ID] + [10 + d] * (d + 2)) for d in range(5)]
+    write_shard(src / "fineweb_val_000000.bin", np.concatenate(docs))
+    write_shard(src / "fineweb_val_bytes_000000.bin", np.concatenate([np.r_[0, [d + 1] * (d + 2)] for d in range(5)]))
+    write_shard(src / "fineweb_train_000000.bin", np.arange(2, 40))
+    r = build_share(src, tmp_path / "share", docs=12, seed=3)
+    assert r == {"docs": 12, "source_docs": 5, "tokens": r["tokens"], "sidecar": True}
+    tokens, counts = load_shard(tmp_path / "share/fineweb_val_000000.bin"), load_shard(tmp_path / "share/fineweb_val_bytes_000000.bin")
+    pieces = np.split(tokens, np.flatnonzero(tokens == BOS_ID)[1:])
+    ids = [int(p[1]) - 10 for p in pieces]
+    assert len(pieces) == 12 and r["tokens"] == len(tokens) == len(counts)
+    assert sorted(ids[:5]) == sorted(ids[5:10]) == list(range(5))
+    assert all(np.array_equal(p, docs[d]) for p, d in zip(pieces, ids))
+    assert np.array_equal(counts, np.concatenate([np.r_[0, [d + 1] * (d + 2)] for d in ids]))
+    assert (tmp_path / "share/fineweb_train_000000.bin").resolve() == (src / "fineweb_train_000000.bin").resolve()
+    with pytest.raises(ValueError, match="must start with BOS"):
+        write_shard(src / "fineweb_val_000000.bin", np.r_[5, np.concatenate(docs)])
+        build_share(src, tmp_path / "bad", docs=3)

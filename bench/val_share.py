@@ -1,5 +1,5 @@
 """One GPU's share of the public evaluation, built from the local val shard, for timing TTT at the
-public scale on one GPU (bench/ttt_rank_share_h100.sh).
+public scale on one GPU (`bench/quant_eval_h100.sh share`).
 
 The public run scores 50,000 val documents on 8 GPUs, about 6,250 a GPU. The local val shard has
 1,621 documents. This writes a dataset whose val stream holds --docs of them: passes over the shard,
@@ -51,9 +51,10 @@ def build_share(data: Path, out: Path, docs: int = PUBLIC_SHARE_DOCS, seed: int 
     order = share_order(len(starts), docs, seed)
     pieces = [slice(bounds[i], bounds[i + 1]) for i in order]
     out.mkdir(parents=True, exist_ok=True)
-    write_shard(out / "fineweb_val_000000.bin", np.concatenate([tokens[p] for p in pieces]))
-    sidecar = None
-    if any(True for _ in data.glob("fineweb_val_bytes_*.bin")):
+    share = np.concatenate([tokens[p] for p in pieces])
+    write_shard(out / "fineweb_val_000000.bin", share)
+    has_sidecar = bool(list(data.glob("fineweb_val_bytes_*.bin")))
+    if has_sidecar:
         sidecar = load_stream(bytes_pattern)
         if len(sidecar) != len(tokens):
             raise ValueError(f"{bytes_pattern}: {len(sidecar)} byte counts for {len(tokens)} val tokens")
@@ -63,8 +64,7 @@ def build_share(data: Path, out: Path, docs: int = PUBLIC_SHARE_DOCS, seed: int 
         if link.is_symlink() or link.exists():
             link.unlink()
         os.symlink(Path(train).resolve(), link)
-    return {"docs": docs, "source_docs": len(starts), "tokens": int(sum(p.stop - p.start for p in pieces)),
-            "sidecar": sidecar is not None}
+    return {"docs": docs, "source_docs": len(starts), "tokens": len(share), "sidecar": has_sidecar}
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.shards import BOS_ID, load_stream, shard_paths, write_shard  # noqa: E402
+from data.shards import BOS_ID, load_stream, shard_paths, split_documents, write_shard  # noqa: E402
 
 PUBLIC_SHARE_DOCS = 50_000 // 8
 
@@ -32,13 +32,6 @@ def share_order(n_docs: int, docs: int, seed: int) -> np.ndarray:
     return np.concatenate(passes)[:docs]
 
 
-def doc_starts(tokens: np.ndarray, where: str) -> np.ndarray:
-    starts = np.flatnonzero(tokens == BOS_ID)
-    if len(starts) == 0 or starts[0] != 0:
-        raise ValueError(f"{where}: a val stream must start with BOS ({BOS_ID}), one per document")
-    return starts
-
-
 def build_share(data: Path, out: Path, docs: int = PUBLIC_SHARE_DOCS, seed: int = 0) -> dict:
     """Writes out/fineweb_val_000000.bin (and out/fineweb_val_bytes_000000.bin when data has a byte
     sidecar) and links data's train shards into out. Returns counts for the log line."""
@@ -46,25 +39,26 @@ def build_share(data: Path, out: Path, docs: int = PUBLIC_SHARE_DOCS, seed: int 
         raise ValueError(f"--docs must be at least 1, got {docs}")
     val_pattern, bytes_pattern = str(data / "fineweb_val_[0-9]*.bin"), str(data / "fineweb_val_bytes_*.bin")
     tokens = load_stream(val_pattern)
-    starts = doc_starts(tokens, val_pattern)
-    bounds = np.append(starts, len(tokens))
-    order = share_order(len(starts), docs, seed)
-    pieces = [slice(bounds[i], bounds[i + 1]) for i in order]
+    if len(tokens) == 0 or tokens[0] != BOS_ID:
+        raise ValueError(f"{val_pattern}: a val stream must start with BOS ({BOS_ID}), one per document")
+    token_docs = split_documents(tokens)
+    order = share_order(len(token_docs), docs, seed)
     out.mkdir(parents=True, exist_ok=True)
-    share = np.concatenate([tokens[p] for p in pieces])
+    share = np.concatenate([token_docs[i] for i in order])
     write_shard(out / "fineweb_val_000000.bin", share)
     has_sidecar = bool(list(data.glob("fineweb_val_bytes_*.bin")))
     if has_sidecar:
         sidecar = load_stream(bytes_pattern)
         if len(sidecar) != len(tokens):
             raise ValueError(f"{bytes_pattern}: {len(sidecar)} byte counts for {len(tokens)} val tokens")
-        write_shard(out / "fineweb_val_bytes_000000.bin", np.concatenate([sidecar[p] for p in pieces]))
+        sidecar_docs = np.split(sidecar, np.cumsum([len(d) for d in token_docs])[:-1])
+        write_shard(out / "fineweb_val_bytes_000000.bin", np.concatenate([sidecar_docs[i] for i in order]))
     for train in shard_paths(str(data / "fineweb_train_*.bin")):
         link = out / Path(train).name
         if link.is_symlink() or link.exists():
             link.unlink()
         os.symlink(Path(train).resolve(), link)
-    return {"docs": docs, "source_docs": len(starts), "tokens": len(share), "sidecar": has_sidecar}
+    return {"docs": docs, "source_docs": len(token_docs), "tokens": len(share), "sidecar": has_sidecar}
 
 
 def main(argv=None) -> None:

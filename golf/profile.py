@@ -62,11 +62,11 @@ def host_rows(events, steps: int) -> tuple[int, list[tuple[str, float, int]]]:
     return launches // steps, [(name, us / 1000 / steps, count // steps) for name, (us, count) in acc.items()]
 
 
-def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device) -> dict:
     """Runs `step` `steps` times under the profiler (after one unprofiled call, so no first-call work
     is counted). Times are device (GPU kernel) time on CUDA and self CPU time elsewhere, in ms per step.
     Returns {"per_step_ms", "categories": {name: ms}, "kernels": [{"name", "ms", "share", "calls",
-    "category"}] (the `top` largest), "wall_ms" (per step, under the profiler, which slows the host
+    "category"}] (every kernel, largest first: the summary keeps the whole table), "wall_ms" (per step, under the profiler, which slows the host
     side), "launches" (per step), "host": on CUDA, the 10 largest host operators by self CPU time, like kernels}.
     Kernel time well below wall time means the GPU waits on the host (launches, Python)."""
     cuda = device.type == "cuda"
@@ -92,20 +92,20 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
     host.sort(key=lambda r: -r[1])
     return {"per_step_ms": total, "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "kernels": [{"name": n, "ms": ms, "share": ms / total, "calls": c, "category": category(n)}
-                        for n, ms, c in rows[:top]],
+                        for n, ms, c in rows],
             "wall_ms": wall, "launches": launches,
             "host": [{"name": n, "ms": ms, "calls": c} for n, ms, c in host[:10]] if cuda else []}
 
 
-def profile_lines(result: dict, label: str) -> list[str]:
-    """Log lines: per-step total, category shares, wall time and launches, then the largest kernels
-    and host operators."""
+def profile_lines(result: dict, label: str, top: int = 25) -> list[str]:
+    """Log lines: per-step total, category shares, wall time and launches, then the `top` largest
+    kernels and the host operators."""
     total = result["per_step_ms"]
     lines = [f"profile {label}: {total:.2f} ms/step of kernel time; " +
              " ".join(f"{c}:{ms:.2f}ms({ms / total:.0%})" for c, ms in result["categories"].items()),
              f"profile {label}: wall {result['wall_ms']:.2f} ms/step under the profiler, "
              f"{result['launches']} kernel launches/step"]
-    for k in result["kernels"]:
+    for k in result["kernels"][:top]:
         lines.append(f"profile {label}   {k['ms']:8.3f} ms {k['share']:6.1%} x{k['calls']:<4d} {k['category']:<13s} "
                      f"{k['name'][:110]}")
     for h in result["host"]:

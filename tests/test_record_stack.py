@@ -254,6 +254,18 @@ def test_full_rotary_rotates_every_channel():
     assert torch.equal(tg.PartialRotary(D, 0, 10000.0)(x), x)
 
 
+def test_rotary_table_equals_rotation_by_explicit_positions():
+    """Rows up to the table's length read cos/sin from it; longer rows and explicit positions compute
+    them: all three agree."""
+    D, T = 16, 12
+    rope = tg.PartialRotary(D, 8, 10000.0, table_len=T)
+    x = torch.randn(2, T + 3, 3, D)
+    positions = torch.arange(T + 3)[None].expand(2, -1)
+    torch.testing.assert_close(rope(x[:, :T]), rope(x[:, :T], positions[:, :T]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rope(x), rope(x, positions), rtol=0, atol=0)
+    torch.testing.assert_close(rope(x)[:, :T], rope(x[:, :T]), rtol=0, atol=1e-6)
+
+
 def test_model_uses_rope_dims():
     model = small_model()
     assert all(b.attn.rotary.dims == 8 for b in model.blocks)

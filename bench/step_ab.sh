@@ -33,7 +33,7 @@ for variant in "${variants[@]}"; do
     setsid bash -c 'echo $$ > "$0"; cd "$1" && exec bench/record_h100.sh proxy' "$pidfile" "$dir" > "$console" 2>&1 &
   until [ -s "$pidfile" ]; do sleep 0.2; done
   pgid=$(cat "$pidfile")
-  until grep -q "stopping_early\|Traceback" "$console" || ! kill -0 "$pgid" 2>/dev/null; do sleep 2; done
+  until grep -q "^stopping_early" "$console" || ! kill -0 "$pgid" 2>/dev/null; do sleep 2; done
   kill -- -"$pgid" 2>/dev/null || true
   wait || true
   awk -v name="$name" -v settings="$settings" '

@@ -204,12 +204,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def narrow_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for a handful of input channels, as elementwise math: compiled, it fuses into the
-    kernels around it, where a matmul with K = 12 costs three tiny cuBLAS calls per layer (~0.5 ms/step)."""
-    return (x[..., None, :] * w.to(x.dtype)).sum(-1)
-
-
 class PartialRotary(nn.Module):
     """RoPE on the first `dims` channels of each head (rotate-half within them); the rest pass through.
     cos/sin of the first `table_len` row positions are a buffer: computed inside the compiled graph,
@@ -281,7 +275,7 @@ class Attention(nn.Module):
             v_hat = F.normalize(at_queries(v, docs), dim=-1).repeat_interleave(self.heads // self.kv_heads, dim=2)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if hasattr(self, "attn_gate_w"):
-            gate = torch.sigmoid(self.gate_scale * narrow_linear(aq[..., : self.gate_width], self.attn_gate_w))
+            gate = torch.sigmoid(self.gate_scale * F.linear(aq[..., : self.gate_width], self.attn_gate_w.to(a.dtype)))
             y = y * gate.view(B, T, self.heads, -1)  # [B, T, H] here; per channel in the research trainer
         return self.proj(y.reshape(B, T, C))
 
@@ -349,29 +343,6 @@ def call(fn, *args):
     structure of the modules passed in and takes their weights as inputs, so each layer kind (encoder,
     serial or parallel decoder, XSA or not) gets one graph that serves every layer of that kind."""
     return fn(*args)
-
-
-def sum_all(*tensors: torch.Tensor) -> torch.Tensor:
-    total = tensors[0]
-    for t in tensors[1:]:
-        total = total + t
-    return total
-
-
-class Fanout(torch.autograd.Function):
-    """`n` aliases of one tensor whose gradients are summed by one call of `run(sum_all, ...)`. x0 feeds
-    every layer's graph in COMPILE_MODE=blocks, where eager autograd would add its gradients pairwise
-    (n - 1 kernels reading two tensors and writing one); compiled, the sum reads each gradient once."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, n: int, run: Callable):
-        ctx.run = run
-        return tuple(x.view_as(x) for _ in range(n))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = [g for g in grads if g is not None]
-        return (ctx.run(sum_all, *grads) if grads else None), None, None
 
 
 def mix_skip(x, skip, weight, gate):
@@ -506,18 +477,13 @@ class GPT(nn.Module):
         # one tensor passed as two arguments makes Dynamo compile another graph (it guards on `a is b`);
         # a view is a distinct argument at no cost
         x0 = run(type(self).stream_input, self, idx, getattr(docs, "seq_starts", None))
+        x = x0.view_as(x0)
         order = layer_order(self.cfg, self.looping or not self.training)
-        # x0 is the first layer's stream and every layer's x0: one alias per use
-        if self.regions is not None and x0.requires_grad:
-            x0_uses = Fanout.apply(x0, len(order) + 1, run)
-        else:
-            x0_uses = (x0.view_as(x0),) + (x0,) * len(order)
-        x = x0_uses[0]
         n_enc = len(order) // 2
         skips, lanes = [], None
         gates = getattr(self, "skip_gates", None)
         for k, i in enumerate(order):
-            block, layer_docs, x0 = self.blocks[i], docs if k == len(order) - 1 else every, x0_uses[k + 1]
+            block, layer_docs = self.blocks[i], docs if k == len(order) - 1 else every
             if k < n_enc:
                 x = run(block, x, x0, layer_docs)
                 skips.append(x.view_as(x))

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # ms/step of the record stack's proxy, variant against variant on one GPU in one call (issue 6):
-#   source bench/device_prelude.sh && VARIANTS="base@a073ca2;now;cd:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" \
+#   source bench/device_prelude.sh && VARIANTS="base@.carry/base;now;cd:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" \
 #     OUT=$OUT RUNS=/tmp/runs bench/step_ab.sh
-# A variant is NAME[@REV][:ENV=VALUE ...]: @REV trains with that commit's code (a git worktree), the
-# settings apply to that variant's run only. Each variant trains bench/record_h100.sh proxy for BUDGET
-# seconds (default 55, looping from ENABLE_LOOPING_AT=0.42: ~230 unlooped and ~210 looped steps on an
-# H100) and is stopped at the training's end: its ms/step per phase are computed here from the log
-# lines the trainer's own phase summary uses (`looping_enabled`, `stopping_early`), without the
-# final validation and export.
+# A variant is NAME[@REV][:ENV=VALUE ...]. @REV trains with another checkout's code: REV is a folder
+# holding one, or a commit (a git worktree; the device machine's copy of .git may predate your commits,
+# so there `git archive REV --prefix=NAME/ | tar -x -C .carry` and carry it). The settings apply to that
+# variant's run only. Each variant trains bench/record_h100.sh proxy for BUDGET seconds (default 55,
+# looping from ENABLE_LOOPING_AT=0.42: ~240 unlooped and ~220 looped steps on an H100) and is stopped
+# at the training's end: its ms/step per phase are computed here from the log lines the trainer's own
+# phase summary uses (`looping_enabled`, `stopping_early`), without the final validation and export
+# (so PROFILE_STEPS tables reach the console only, not the run's summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-bench_out}")
@@ -22,8 +24,11 @@ for variant in "${variants[@]}"; do
   [ "$head" != "$variant" ] && settings=${variant#*:}
   name=${head%%@*} dir=.
   if [ "$name" != "$head" ]; then
-    dir=/tmp/step_ab_${head#*@}
-    [ -d "$dir" ] || git worktree add -q --detach "$dir" "${head#*@}"
+    dir=${head#*@}  # a folder holding another checkout, or a commit
+    if [ ! -d "$dir" ]; then
+      dir=/tmp/step_ab_${head#*@}
+      [ -d "$dir" ] || git worktree add -q --detach "$dir" "${head#*@}"
+    fi
   fi
   console="$OUT/ab_$name.console" pidfile="$RUNS/ab_$name.pid"
   rm -f "$pidfile"

@@ -99,3 +99,31 @@ def test_val_share_repeats_whole_documents_with_their_bytes(tmp_path):
     write_shard(src / "fineweb_val_000000.bin", np.r_[5, np.concatenate(docs)])
     with pytest.raises(ValueError, match="must start with BOS"):
         build_share(src, tmp_path / "bad", docs=3)
+
+
+def test_step_ab_reads_each_variants_phases_and_stops_its_run(tmp_path):
+    """bench/step_ab.sh on a stand-in trainer: per-variant settings reach the run, a variant may train
+    another checkout (a folder), the ms/step per phase come from the looping and stopping lines, and
+    the run is stopped at the training's end instead of sleeping through its evaluation."""
+    bench = tmp_path / "bench" / "datasets" / "bench_sp8192"
+    bench.mkdir(parents=True)
+    (bench / "fineweb_train_000000.bin").touch()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "bench").symlink_to(ROOT / "bench")
+    fake = tmp_path / "fake_python"
+    fake.write_text("#!/bin/bash\necho compile_warmup_steps:20 compile_time:91.4s\n"
+                    "echo looping_enabled step:240 train_time:23100ms virtual_layers:17\n"
+                    "echo settings FOO=$FOO in $PWD\n"
+                    "echo stopping_early: wallclock_cap train_time:55000ms step:462/20000\nsleep 120\n")
+    fake.chmod(0o755)
+    env = {**clean_env(), "PY": str(fake), "BENCH": str(tmp_path / "bench"), "OUT": str(tmp_path / "out"),
+           "VARIANTS": f"a;b@{other}:FOO=1"}
+    out = subprocess.run(["bash", "bench/step_ab.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all("unlooped   96.25 ms/step (240 steps)  looped  143.69 ms/step (222 steps)  compile 91.4s"
+                                   in line for line in lines), lines
+    assert lines[1].endswith("FOO=1")
+    assert f"settings FOO=1 in {other}" in (tmp_path / "out" / "ab_b.console").read_text()
+    assert "FOO= in" in (tmp_path / "out" / "ab_a.console").read_text()

@@ -388,13 +388,6 @@ def test_zero_init_model_is_the_normed_embedding():
     torch.testing.assert_close(h, tg.rms_norm(x0), atol=1e-5, rtol=1e-5)
 
 
-def test_narrow_linear_is_linear():
-    x, w = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
-    torch.testing.assert_close(tg.narrow_linear(x, w), F.linear(x, w))
-    w32 = w.to(torch.float32)  # cast to x's dtype
-    torch.testing.assert_close(tg.narrow_linear(x, w32), F.linear(x, w32.double()))
-
-
 def test_zero_init_attention_gate_halves_each_head():
     cfg = cfg_of()
     torch.manual_seed(0)
@@ -567,8 +560,7 @@ def test_flex_matches_sdpa_on_cpu(isolate):
 @pytest.mark.parametrize("looping", [False, True])
 def test_blocks_mode_runs_everything_through_the_region(looping, monkeypatch):
     """COMPILE_MODE=blocks: the forward calls `call` for the input, every layer (skip and lane mixing
-    included) and the loss, and the backward calls it once to sum x0's gradients, so nothing but
-    Python runs between compiled graphs; same loss, same grads up to the order of that sum."""
+    included) and the loss, so nothing but Python runs between compiled graphs; same loss and grads."""
     torch._dynamo.reset()
     idx = tokens(B=2, T=40, bos_at=[(0, 13)])
     targets = torch.roll(idx, -1, dims=1)
@@ -589,12 +581,12 @@ def test_blocks_mode_runs_everything_through_the_region(looping, monkeypatch):
     (loss_e, grads_e, _), (loss_b, grads_b, calls) = results
     assert torch.equal(loss_b, loss_e)
     for name, g in grads_e.items():
-        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-8, msg=name)
+        assert torch.equal(grads_b[name], g), name
     order = tg.layer_order(cfg_of(), looping)
     names = [getattr(c, "__name__", type(c).__name__) for c in calls]
     n_enc = len(order) // 2
     assert names == (["stream_input"] + ["Block"] * n_enc + ["serial_decoder_layer"] * (len(order) - n_enc - 1)
-                     + ["parallel_decoder_layer", "stream_output", "loss", "sum_all"])
+                     + ["parallel_decoder_layer", "stream_output", "loss"])
     assert model.regions is None  # set only for the duration of a call: TTT runs the eager model
 
 
@@ -611,9 +603,9 @@ def test_blocks_mode_compiles_fullgraph():
 
 
 def test_blocks_mode_graph_count_at_the_defaults():
-    """Both training phases of the default model compile 9 graphs in blocks mode: the input, the
+    """Both training phases of the default model compile 7 graphs in blocks mode: the input, the
     encoder block, serial and parallel decoder layers (with a skip), the last layer (no skip), the
-    output norm, the loss and one sum of x0's gradients per layer order. A tensor passed twice to one call, or a guard on state that changes
+    output norm and the loss. A tensor passed twice to one call, or a guard on state that changes
     after the first trace, would add graphs (and compile time) without a failure anywhere else."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -624,4 +616,4 @@ def test_blocks_mode_graph_count_at_the_defaults():
     for looping in (False, True, False):
         model.looping = looping
         fwd(idx, idx).backward()
-    assert counters["stats"]["unique_graphs"] == 9
+    assert counters["stats"]["unique_graphs"] == 7

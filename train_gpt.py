@@ -249,7 +249,8 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim, "orthogonal")
         self.proj = CastedLinear(dim, dim, "zero")
         self.q_gain = nn.Parameter(torch.full((heads,), cfg.qk_gain_init))
-        self.rotary = PartialRotary(self.head_dim, cfg.rope_dims, cfg.rope_base, max(cfg.train_seq_len, cfg.eval_seq_len))
+        self.rotary = PartialRotary(self.head_dim, cfg.rope_dims, cfg.rope_base,
+                                    max(cfg.train_seq_len, cfg.eval_seq_len, cfg.ttt_eval_seq_len))
         self.xsa = xsa
         # sparse output gate: per head, sigmoid(scale * w . first GATE_WIDTH input channels); zero init = 0.5
         self.gate_width, self.gate_scale = cfg.gate_width, cfg.sparse_attn_gate_scale

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from data.shards import BOS_ID, load_stream
 import kernels
 from golf import dist
-from kernels.leaky_mlp import leaky_relu_sq_linear
+from kernels.leaky_mlp import leaky_mlp
 from kernels.softcap_ce import softcap_cross_entropy
 from golf.attention import at_queries, attend, backend_name, doc_boundaries, flex_options, parse_flex_options, set_flex_options
 from golf.bpb import ByteCounter, load_byte_sidecar
@@ -181,7 +181,7 @@ KNOBS = (
     Knob("TTT_COMPILE", bool, None, "LoRA TTT through compiled regions, dynamic shapes (default: on with CUDA; warm-up logged apart: ~190 s cold, ~17 s after TTT_PRIME)"),
     Knob("COMPILE_MODE", str, "blocks", "blocks: one graph per layer kind (~100 s on an H100); model: one per layer order (~225 s, ~5% faster unlooped)"),
     Knob("FUSED_CE", bool, True, "Triton fused softcapped cross-entropy on CUDA (kernels/softcap_ce.py; -1.3 ms/step, BENCHMARKS.md)"),
-    Knob("FUSED_MLP", bool, False, "Triton fused fc + LeakyReLU^2 on CUDA in training (kernels/leaky_mlp.py; off: no clear gain yet)"),
+    Knob("FUSED_MLP", bool, False, "Triton MLP on CUDA in training: fc + LeakyReLU^2 in one matmul, the backward's dh in another (kernels/leaky_mlp.py; off: not yet faster)"),
 )
 
 # ----------------------------------------------------------------------------- model
@@ -206,7 +206,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 class PartialRotary(nn.Module):
     """RoPE on the first `dims` channels of each head (rotate-half within them); the rest pass through.
-    cos/sin of the first `table_len` row positions are a buffer: computed inside the compiled graph,
+    cos/sin of the first `table_len` positions are buffers: computed inside the compiled graph,
     Inductor would evaluate them again for every element of q and k (a third of the norm+RoPE kernels' time)."""
 
     def __init__(self, head_dim: int, dims: int, base: float, table_len: int = 2048):
@@ -220,11 +220,15 @@ class PartialRotary(nn.Module):
         self.register_buffer("sin_table", freqs.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, T, H, D]; positions [B, T] (packed sequences), default each token's index in its row
+        # x: [B, T, H, D]; positions [B, T] (packed sequences, each counting from 0, so no position
+        # exceeds its index in the row), default each token's index in its row
         if self.dims == 0:
             return x
-        if positions is None and x.size(1) <= self.cos_table.size(0):
-            cos, sin = self.cos_table[None, : x.size(1), None, :], self.sin_table[None, : x.size(1), None, :]
+        if x.size(1) <= self.cos_table.size(0):  # every position is in the tables
+            if positions is None:
+                cos, sin = self.cos_table[None, : x.size(1), None, :], self.sin_table[None, : x.size(1), None, :]
+            else:
+                cos, sin = self.cos_table[positions][:, :, None, :], self.sin_table[positions][:, :, None, :]
         else:
             if positions is None:
                 positions = torch.arange(x.size(1), device=x.device)[None]
@@ -294,8 +298,8 @@ class MLP(nn.Module):
         self.slope, self.fused = slope, fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.training:  # evaluation calls self.fc, so TTT and calibration hooks see it
-            return self.proj(leaky_relu_sq_linear(x, self.fc.weight, self.slope))
+        if self.fused and self.training:  # evaluation calls self.fc and self.proj, so TTT and calibration hooks see them
+            return leaky_mlp(x, self.fc.weight, self.proj.weight, self.slope)
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())  # slope 0 is ReLU^2
 
 

@@ -76,7 +76,7 @@ def main() -> None:
                       f"seconds:{time.perf_counter() - t:.3f}", flush=True)
         if graphs is not None:
             print(f"global_pass cuda_graphs {graphs.stats()}", flush=True)
-        for line in profile_lines(profile_steps(lambda: one(ends[-1]), 1, device, top=20), f"global_pass_{ends[-1]}"):
+        for line in profile_lines(profile_steps(lambda: one(ends[-1]), 1, device), f"global_pass_{ends[-1]}", top=20):
             print(line, flush=True)
 
 

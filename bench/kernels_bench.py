@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--smoke" in sys.argv:  # must precede the kernels' import (Triton picks interpreter/compiler then)
     os.environ["TRITON_INTERPRET"] = "1"
-from kernels import leaky_mlp, softcap_ce  # noqa: E402
-from kernels.leaky_mlp import leaky_relu_sq_linear, leaky_relu_sq_linear_reference  # noqa: E402
+from kernels import softcap_ce  # noqa: E402
+import kernels.leaky_mlp  # noqa: E402  (the module: its autotuned kernel's chosen config)
+from kernels.leaky_mlp import leaky_mlp, leaky_mlp_reference, leaky_relu_sq_linear, leaky_relu_sq_linear_reference  # noqa: E402
 from kernels.softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference  # noqa: E402
 
 DEV = "cuda"
@@ -221,7 +222,45 @@ def bench_mlp(args, tflops, gbs):
     bwd_bytes = 3 * m * n * h.element_size()
     rows.append(("lin+lrelu^2", "bwd dh kernel alone", None, t_b, None, f"{bwd_bytes / t_b / 1e6:.0f} GB/s",
                  f"{100 * bwd_bytes / t_b / 1e6 / gbs:.0f}%", ""))
-    print(f"  _lrsq_fwd_kernel best config: {getattr(leaky_mlp._lrsq_fwd_kernel, 'best_config', None)}")
+    print(f"  _lrsq_mm_kernel best config: {getattr(kernels.leaky_mlp._lrsq_mm_kernel, 'best_config', None)}")
+
+
+def bench_whole_mlp(args, tflops):
+    """leaky_mlp (FUSED_MLP=1's op: the activation in the fc matmul's epilogue, the backward's dh in
+    the epilogue of grad_out @ w_proj) against the compiled reference MLP, forward + backward."""
+    m, k, n, slope = args.tokens, args.dim, args.hidden, args.slope
+    print(f"\nwhole MLP: x [{m}, {k}] -> {n} -> {k}, LeakyReLU({slope})^2, bf16")
+    g = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(m, k, device=DEV, generator=g).to(torch.bfloat16).requires_grad_()
+    w1 = (torch.randn(n, k, device=DEV, generator=g) / k ** 0.5).to(torch.bfloat16).requires_grad_()
+    w2 = (torch.randn(k, n, device=DEV, generator=g) / n ** 0.5).to(torch.bfloat16).requires_grad_()
+    go = torch.randn(m, k, device=DEV, generator=g).to(torch.bfloat16)
+    ref_c = compile_(lambda x, w1, w2: leaky_mlp_reference(x, w1, w2, slope))
+    ker = lambda x, w1, w2: leaky_mlp(x, w1, w2, slope, use_kernel=True)  # noqa: E731
+    ker_c = compile_(ker)
+
+    def out_grads(fn, *ts):
+        ts = [t.detach().requires_grad_() for t in ts]
+        out = fn(*ts)
+        return (out.detach(), *torch.autograd.grad(out, ts, go.to(out.dtype)))
+
+    exact = out_grads(lambda *t: leaky_mlp_reference(*t, slope), x.float(), w1.float(), w2.float())
+    ref = out_grads(ref_c, x, w1, w2)
+    floor = 1e-2 if DEV == "cuda" else 2e-2  # the interpreter's bf16 stores round coarser (y: 9e-3 vs 4e-3)
+    for label, fn in (("kernel", ker), ("kernel compiled", ker_c)):
+        for what, a, r, e in zip(("out", "dx", "dw_fc", "dw_proj"), out_grads(fn, x, w1, w2), ref, exact):
+            err, ref_err = rel_err(a, e), rel_err(r, e)
+            check(err <= max(3 * ref_err, floor), f"whole MLP {label} {what}: rel err {err:.2e} (compiled reference {ref_err:.2e})")
+    variants = [("triton", ker), ("triton, compiled", ker_c), ("reference, compiled", ref_c)]
+    fwd_bwd_variants("whole MLP", variants, (x, w1, w2), (), go, args.warmup, args.iters, 4 * m * n * k, 8 * m * n * k,
+                     "TFLOP/s", tflops)
+    _, h, _ = torch.ops.golf.leaky_mlp_fwd(x.detach(), w1.detach(), w2.detach(), slope)
+    w2d = w2.detach()
+    t_d = timed(lambda: torch.ops.golf.leaky_relu_sq_derivative_mm(go, w2d, h, slope), args.warmup, args.iters)
+    t_mm = timed(lambda: go @ w2d, args.warmup, args.iters)
+    for label, t in (("dh kernel alone (grad_out @ w_proj, derivative epilogue)", t_d), ("cuBLAS grad_out @ w_proj alone", t_mm)):
+        rows.append(("whole MLP", label, None, t, None, f"{2 * m * n * k / t / 1e9:.0f} TFLOP/s",
+                     f"{100 * 2 * m * n * k / t / 1e9 / tflops:.0f}%", ""))
 
 
 def print_table() -> None:
@@ -235,7 +274,7 @@ def print_table() -> None:
         if i == 0:
             print("  ".join("-" * wd for wd in widths))
     print("\nbwd ms of the full rows = (fwd+bwd) - fwd; 'achieved' of the full rows is over fwd+bwd "
-          "(CE: ideal bytes, 3 logit passes; MLP: 6*M*N*K FLOPs).")
+          "(CE: ideal bytes, 3 logit passes; MLP: 6*M*N*K FLOPs; whole MLP: 12*M*N*K).")
 
 
 def main() -> int:
@@ -248,7 +287,7 @@ def main() -> int:
     p.add_argument("--slope", type=float, default=0.5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--only", choices=("ce", "mlp"), default=None)
+    p.add_argument("--only", choices=("ce", "mlp", "whole_mlp"), default=None)
     p.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, Triton interpreter, "
                    "aot_eager compile; checks the script, not the kernels' speed")
     args = p.parse_args()
@@ -271,6 +310,9 @@ def main() -> int:
         empty_cache()
     if args.only in (None, "mlp"):
         bench_mlp(args, tflops, gbs)
+        empty_cache()
+    if args.only in (None, "whole_mlp"):
+        bench_whole_mlp(args, tflops)
     print_table()
     if failures:
         print(f"\n{len(failures)} check(s) failed: " + "; ".join(failures))

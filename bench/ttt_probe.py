@@ -245,8 +245,8 @@ def main() -> None:
               f"steps:{steps[0]} wall:{walls[0]:.3f}s then {walls[1]:.3f}s "
               f"ms_per_step:{1000 * walls[1] / steps[0]:.2f} (unprofiled, the second run; the profile is of a third)",
               flush=True)
-        for line in profile_lines(profile_steps(phase, 1, device, top=30),
-                                  f"ttt_{len(pdocs)}x{length}_g{graph_cap}_q{q}_k{k}"):
+        for line in profile_lines(profile_steps(phase, 1, device),
+                                  f"ttt_{len(pdocs)}x{length}_g{graph_cap}_q{q}_k{k}", top=30):
             print(line, flush=True)
     if a.compile:
         print(torch._dynamo.utils.compile_times(repr="str"), flush=True)

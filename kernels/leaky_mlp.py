@@ -1,24 +1,29 @@
-"""Fused linear + LeakyReLU(slope)^2: y = leaky_relu(x @ w.T, slope)^2, the MLP's first half.
+"""Fused linear + LeakyReLU(slope)^2, the MLP's first half, and the whole MLP around it.
 
-  y = leaky_relu_sq_linear(x, w, slope=0.5)     # x [..., K], w [N, K] -> y [..., N]
+  y = leaky_relu_sq_linear(x, w, slope=0.5)          # x [..., K], w [N, K] -> y [..., N]
+  out = leaky_mlp(x, w_fc, w_proj, slope=0.5)        # = leaky_relu_sq_linear(x, w_fc) @ w_proj.T
 
 Forward: a Triton matmul (fp32 accumulation) whose epilogue rounds the pre-activation h = x @ w.T to
 the input dtype, writes it (saved for the backward), and writes y = leaky_relu(h)^2 from it, so the
-activation never makes a separate round trip through memory. Backward: one fused Triton pass
-dh = grad_y * 2 * h * (1 if h > 0 else slope^2) (= grad_y * 2 lrelu(h) lrelu'(h)), then dx = dh @ w
-and dw = dh.T @ x with torch (cuBLAS). slope is a runtime argument (0 = ReLU^2).
+activation never makes a separate round trip through memory. Backward of leaky_relu_sq_linear: one
+fused Triton pass dh = grad_y * 2 * h * (1 if h > 0 else slope^2) (= grad_y * 2 lrelu(h) lrelu'(h)),
+then dx = dh @ w and dw = dh.T @ x with torch (cuBLAS). leaky_mlp owns the projection too, so its
+backward gets dh from the same Triton matmul with another epilogue: (grad_out @ w_proj) times the
+activation's derivative at the saved h, never writing grad_y; the other three matmuls are cuBLAS's.
+slope is a runtime argument (0 = ReLU^2).
 
-Memory: the op saves x, w and h; the following projection saves y for its own weight gradient, so h
-and y are both kept per layer, where Inductor on the reference may keep only h and recompute y in the
-backward (one extra M x N bf16 tensor per MLP; bench/kernels_bench.py shows the isolated peak).
+Memory: the ops save x, the weights and h, and leaky_mlp saves y for its projection's weight
+gradient (as the plain projection would), so h and y are both kept per layer, where Inductor on the
+reference may keep only h and recompute y in the backward (one extra M x N bf16 tensor per MLP;
+bench/kernels_bench.py shows the isolated peak).
 
 Shapes: any M, N, K (masked edges; K need not be a multiple of the block); x, w any strides; M*N,
-M*K and N*K below 2^31 (int32 offsets), checked. w is cast to x's dtype (the trainer keeps fp32
-master weights); under autocast both go to the autocast dtype, as F.linear would.
+M*K and N*K below 2^31 (int32 offsets), checked. Weights are cast to x's dtype (the trainer keeps
+fp32 masters); under autocast everything goes to the autocast dtype, as F.linear would.
 
-Both passes are torch.library custom ops with fake implementations and autograd, so
-torch.compile(fullgraph=True) keeps them as opaque calls. leaky_relu_sq_linear_reference() is the
-plain PyTorch math; kernels/__init__.py has the switch (GOLF_KERNELS) that selects it.
+Every pass is a torch.library custom op with a fake implementation (and the forwards with autograd),
+so torch.compile(fullgraph=True) keeps them as opaque calls. The *_reference() functions are the plain
+PyTorch math; kernels/__init__.py has the switch (GOLF_KERNELS) that selects them.
 """
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ def leaky_relu_sq_linear_reference(x: torch.Tensor, w: torch.Tensor, slope: floa
     return F.leaky_relu(F.linear(x, w.to(x.dtype)), slope).square()
 
 
+def leaky_mlp_reference(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, slope: float = 0.5) -> torch.Tensor:
+    """The trainer's MLP.forward without its kernel."""
+    return F.linear(leaky_relu_sq_linear_reference(x, w_fc, slope), w_proj.to(x.dtype))
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 if HAVE_TRITON:
     if _INTERPRET:  # one small config: autotuning in the interpreter is slow and pointless
@@ -56,14 +66,16 @@ if HAVE_TRITON:
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         ]
 
-    @triton.autotune(configs=_MM_CONFIGS, key=["M", "N", "K"])
+    @triton.autotune(configs=_MM_CONFIGS, key=["M", "N", "K", "DERIVATIVE"])
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     @triton.jit
-    def _lrsq_fwd_kernel(x_ptr, w_ptr, h_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                         stride_hm, stride_hn, stride_ym, stride_yn, slope,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
+    def _lrsq_mm_kernel(x_ptr, w_ptr, h_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                        stride_hm, stride_hn, stride_ym, stride_yn, slope,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr, DERIVATIVE: tl.constexpr):
+        """acc = x @ w.T, then the forward epilogue (h = acc and y = lrelu(h)^2 written) or, with
+        DERIVATIVE, the backward one (h read, y = acc * 2 lrelu(h) lrelu'(h) written: dh)."""
         # grouped launch order: GROUP_M row-blocks share each column-block of w while it is in L2
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -96,16 +108,20 @@ if HAVE_TRITON:
             a_ptrs += BLOCK_K * stride_xk
             b_ptrs += BLOCK_K * stride_wk
 
-        # epilogue: h rounded to the output dtype (what the backward will read), y from that h
-        h = acc.to(h_ptr.dtype.element_ty)
-        hf = h.to(tl.float32)
-        act = tl.where(hf > 0, hf, hf * slope)
-        y = (act * act).to(y_ptr.dtype.element_ty)
         cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (cm[:, None] < M) & (cn[None, :] < N)
-        tl.store(h_ptr + cm[:, None] * stride_hm + cn[None, :] * stride_hn, h, mask=mask)
-        tl.store(y_ptr + cm[:, None] * stride_ym + cn[None, :] * stride_yn, y, mask=mask)
+        h_ptrs = h_ptr + cm[:, None] * stride_hm + cn[None, :] * stride_hn
+        if DERIVATIVE:
+            hf = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+            y = acc * 2.0 * hf * tl.where(hf > 0, 1.0, slope * slope)
+        else:  # h rounded to the output dtype (what the backward will read), y from that h
+            h = acc.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptrs, h, mask=mask)
+            hf = h.to(tl.float32)
+            act = tl.where(hf > 0, hf, hf * slope)
+            y = act * act
+        tl.store(y_ptr + cm[:, None] * stride_ym + cn[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _lrsq_bwd_kernel(g_ptr, h_ptr, dh_ptr, numel, slope_sq, BLOCK: tl.constexpr):
@@ -141,11 +157,19 @@ def _lrsq_fwd(x: torch.Tensor, w: torch.Tensor, slope: float) -> tuple[torch.Ten
             h.zero_()
             y.zero_()
             return y, h
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _lrsq_fwd_kernel[grid](x, w, h, y, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-                               h.stride(0), h.stride(1), y.stride(0), y.stride(1), float(slope),
-                               UPCAST=_INTERPRET, PRECISION="ieee" if x.dtype == torch.float32 else None)
+        _launch_mm(x, w, h, y, slope, derivative=False)
     return y, h
+
+
+def _launch_mm(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, out: torch.Tensor, slope: float,
+               derivative: bool) -> None:
+    """_lrsq_mm_kernel on x [M, K] and w [N, K] (any strides) into h and out [M, N]."""
+    (m, k), n = x.shape, w.shape[0]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _lrsq_mm_kernel[grid](x, w, h, out, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                          h.stride(0), h.stride(1), out.stride(0), out.stride(1), float(slope),
+                          UPCAST=_INTERPRET, PRECISION="ieee" if x.dtype == torch.float32 else None,
+                          DERIVATIVE=derivative)
 
 
 @_lrsq_fwd.register_fake
@@ -192,6 +216,81 @@ def _lrsq_backward(ctx, grad_y, grad_h):
 
 
 _lrsq_fwd.register_autograd(_lrsq_backward, setup_context=_lrsq_setup)
+
+
+@torch.library.custom_op("golf::leaky_relu_sq_derivative_mm", mutates_args=())
+def _lrsq_derivative_mm(grad_out: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor, slope: float) -> torch.Tensor:
+    """dh = (grad_out @ w_proj) * 2 lrelu(h) lrelu'(h): grad_out [M, D], w_proj [D, N], h [M, N]."""
+    _check_sizes(grad_out, w_proj.t())
+    if h.shape != (grad_out.shape[0], w_proj.shape[1]):
+        raise ValueError(f"leaky_mlp backward: h {tuple(h.shape)} does not match grad_out {tuple(grad_out.shape)} "
+                         f"@ w_proj {tuple(w_proj.shape)}")
+    dh = torch.empty(h.shape, dtype=grad_out.dtype, device=grad_out.device)
+    if dh.numel():
+        if grad_out.shape[1] == 0:
+            return dh.zero_()
+        _launch_mm(grad_out, w_proj.t(), h, dh, slope, derivative=True)
+    return dh
+
+
+@_lrsq_derivative_mm.register_fake
+def _(grad_out, w_proj, h, slope):
+    return grad_out.new_empty((grad_out.shape[0], w_proj.shape[1]))
+
+
+@torch.library.custom_op("golf::leaky_mlp_fwd", mutates_args=())
+def _mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, slope: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, h, y): out = y @ w_proj.T [M, D]; h, y [M, N] as golf::leaky_relu_sq_linear_fwd's."""
+    if w_proj.dim() != 2 or w_proj.shape[1] != w_fc.shape[0] or w_proj.dtype != x.dtype:
+        raise ValueError(f"leaky_mlp: need w_proj [D, {w_fc.shape[0]}] in {x.dtype} for w_fc {tuple(w_fc.shape)}, "
+                         f"got {tuple(w_proj.shape)} in {w_proj.dtype}")
+    y, h = _lrsq_fwd(x, w_fc, slope)
+    return y @ w_proj.t(), h, y
+
+
+@_mlp_fwd.register_fake
+def _(x, w_fc, w_proj, slope):
+    hidden = (x.shape[0], w_fc.shape[0])
+    return x.new_empty((x.shape[0], w_proj.shape[0])), x.new_empty(hidden), x.new_empty(hidden)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w_fc, w_proj, slope = inputs
+    _, h, y = output
+    ctx.save_for_backward(x, w_fc, w_proj, h, y)
+    ctx.slope = slope
+    ctx.mark_non_differentiable(h, y)
+
+
+def _mlp_backward(ctx, grad_out, grad_h, grad_y):
+    x, w_fc, w_proj, h, y = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None
+    grad_out = grad_out.contiguous()
+    dw_proj = grad_out.t() @ y if ctx.needs_input_grad[2] else None
+    dh = _lrsq_derivative_mm(grad_out, w_proj, h, ctx.slope)
+    dx = dh @ w_fc if ctx.needs_input_grad[0] else None
+    dw_fc = dh.t() @ x if ctx.needs_input_grad[1] else None
+    return dx, dw_fc, dw_proj, None
+
+
+_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def leaky_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, slope: float = 0.5, *,
+              use_kernel: bool | None = None) -> torch.Tensor:
+    """leaky_relu(x @ w_fc.T, slope)^2 @ w_proj.T for x [..., K], w_fc [N, K], w_proj [D, N] -> [..., D]
+    in x's dtype (the autocast dtype under autocast). use_kernel as leaky_relu_sq_linear's."""
+    if not (HAVE_TRITON and use_triton(x, use_kernel, _INTERPRET)):
+        return leaky_mlp_reference(x, w_fc, w_proj, slope)
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
+    lead = x.shape[:-1]
+    out, _, _ = _mlp_fwd(x.reshape(-1, x.shape[-1]), w_fc, w_proj, float(slope))
+    return out.view(*lead, w_proj.shape[0])
 
 
 def leaky_relu_sq_linear(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5, *,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.leaky_mlp import leaky_relu_sq_linear, leaky_relu_sq_linear_reference
+from kernels.leaky_mlp import leaky_mlp, leaky_mlp_reference, leaky_relu_sq_linear, leaky_relu_sq_linear_reference
 from kernels.segment_mm import segment_mm, segment_mm_reference
 from kernels.softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
 
@@ -202,6 +202,73 @@ def test_mlp_validation():
         leaky_relu_sq_linear(x, w[:, :15], 0.5, use_kernel=True)
 
 
+def _whole_mlp_run(fn, x, w1, w2, slope):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2)]
+    out = fn(*leaves, slope)
+    g = torch.randn(out.shape, generator=_gen(5)).to(out.device, out.dtype)
+    (out * g).float().sum().backward()
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+def _kernel_whole_mlp(x, w1, w2, s):
+    return leaky_mlp(x, w1, w2, s, use_kernel=True)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.5])
+@pytest.mark.parametrize("m,k,n,d", [(100, 70, 90, 40), (33, 48, 17, 64), (5, 64, 200, 3)])
+def test_whole_mlp_matches_reference_fp32(m, k, n, d, slope):
+    # the backward's dh comes from the matmul grad_out @ w_proj with the derivative in its epilogue:
+    # ragged M, N and a K (= D) that is not a multiple of the block test its masks
+    x, w1 = _mlp_case(m, k, n, seed=m + n)
+    w2 = (torch.randn(d, n, generator=_gen(d)) / n ** 0.5).to(DEVICE)
+    got = _whole_mlp_run(_kernel_whole_mlp, x, w1, w2, slope)
+    ref = _whole_mlp_run(leaky_mlp_reference, x, w1, w2, slope)
+    for a, b, what in zip(got, ref, ("out", "dx", "dw_fc", "dw_proj")):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        _close(a, b, 1e-5, what)
+
+
+def test_whole_mlp_bf16_batched_autocast():
+    # x [B, T, K], fp32 master weights, autocast to bf16: as the trainer calls it
+    x, w1 = _mlp_case(2 * 35, 64, 96, seed=11)
+    x = x.view(2, 35, 64)
+    w2 = (torch.randn(48, 96, generator=_gen(12)) / 96 ** 0.5).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = _whole_mlp_run(_kernel_whole_mlp, x, w1, w2, 0.5)
+        ref = _whole_mlp_run(leaky_mlp_reference, x, w1, w2, 0.5)
+    exact = _whole_mlp_run(leaky_mlp_reference, x.double(), w1.double(), w2.double(), 0.5)
+    assert got[0].shape == (2, 35, 48) and got[0].dtype == ref[0].dtype == torch.bfloat16
+    for a, b, e, what in zip(got, ref, exact, ("out", "dx", "dw_fc", "dw_proj")):
+        _close(a, b, 3e-2, what)
+        _close(a, e.to(a.dtype), 3e-2, what + " vs float64")
+
+
+def test_whole_mlp_validation():
+    x, w1 = _mlp_case(8, 16, 24, seed=0)
+    with pytest.raises(ValueError, match="need w_proj"):
+        leaky_mlp(x, w1, torch.randn(12, 23, device=DEVICE), 0.5, use_kernel=True)
+
+
+def test_trainer_mlp_fused_path_trains_like_the_reference(monkeypatch):
+    """FUSED_MLP=1: MLP.forward in training hands its two weights to the kernel (forced here: on CPU
+    the switch picks the reference) and trains as the plain MLP does."""
+    import train_gpt as tg
+    monkeypatch.setattr(tg, "leaky_mlp", lambda *a: leaky_mlp(*a, use_kernel=True))
+    torch.manual_seed(0)
+    mlp = tg.MLP(32, 2.0, 0.5, fused=True).to(DEVICE)
+    torch.nn.init.normal_(mlp.proj.weight, std=0.1)  # the zero init would hide the backward's dh
+    x = torch.randn(3, 7, 32, device=DEVICE)
+    results = []
+    for fused in (True, False):
+        mlp.fused = fused
+        mlp.zero_grad()
+        out = mlp(x)
+        out.square().sum().backward()
+        results.append((out.detach(), mlp.fc.weight.grad.clone(), mlp.proj.weight.grad.clone()))
+    for a, b, what in zip(*results, ("out", "dw_fc", "dw_proj")):
+        _close(a, b, 1e-5, what)
+
+
 # ----------------------------------------------------------------------------- segment matmul (LoRA rows)
 def _per_group(x, w, ends):
     """float64, one matmul per group's rows; rows past the last end are zero."""
@@ -340,6 +407,10 @@ def test_opcheck_registrations():
                           (x.requires_grad_(), w.requires_grad_(), 0.5))
     torch.library.opcheck(torch.ops.golf.leaky_relu_sq_backward.default,
                           (torch.randn(20, 24, device=DEVICE), torch.randn(20, 24, device=DEVICE), 0.5))
+    w2 = torch.randn(12, 24, device=DEVICE)
+    torch.library.opcheck(torch.ops.golf.leaky_mlp_fwd.default, (x, w, w2.requires_grad_(), 0.5))
+    torch.library.opcheck(torch.ops.golf.leaky_relu_sq_derivative_mm.default,
+                          (torch.randn(20, 12, device=DEVICE), w2.detach(), torch.randn(20, 24, device=DEVICE), 0.5))
     x, w, e = _segment_case(40, 16, 24, [15, 40], seed=2)
     torch.library.opcheck(torch.ops.golf.segment_mm.default, (x, w, e, 2))
     torch.library.opcheck(torch.ops.golf.segment_mm_tn.default, (x.detach(), torch.randn(40, 24, device=DEVICE), e, 2))
@@ -358,6 +429,11 @@ def test_fake_tensor_shapes():
         w = torch.empty(2048, 512, dtype=torch.bfloat16, device=DEVICE)
         y, h = torch.ops.golf.leaky_relu_sq_linear_fwd(x, w, 0.5)
         assert y.shape == h.shape == (98304, 2048) and y.dtype == torch.bfloat16
+        w2 = torch.empty(512, 2048, dtype=torch.bfloat16, device=DEVICE)
+        out, h, y = torch.ops.golf.leaky_mlp_fwd(x, w, w2, 0.5)
+        assert out.shape == (98304, 512) and y.shape == h.shape == (98304, 2048)
+        dh = torch.ops.golf.leaky_relu_sq_derivative_mm(out, w2, h, 0.5)
+        assert dh.shape == h.shape and dh.dtype == torch.bfloat16
 
 
 def test_compile_fullgraph():

@@ -255,13 +255,17 @@ def test_full_rotary_rotates_every_channel():
 
 
 def test_rotary_table_equals_rotation_by_explicit_positions():
-    """Rows up to the table's length read cos/sin from it; longer rows and explicit positions compute
-    them: all three agree."""
+    """Rows up to the tables' length read cos/sin from them, by index or by explicit positions (so the
+    two layouts agree exactly, in any dtype the model is cast to); longer rows compute them."""
     D, T = 16, 12
     rope = tg.PartialRotary(D, 8, 10000.0, table_len=T)
     x = torch.randn(2, T + 3, 3, D)
     positions = torch.arange(T + 3)[None].expand(2, -1)
-    torch.testing.assert_close(rope(x[:, :T]), rope(x[:, :T], positions[:, :T]), rtol=0, atol=1e-6)
+    assert torch.equal(rope(x[:, :T]), rope(x[:, :T], positions[:, :T]))
+    restart = torch.cat((torch.arange(5), torch.arange(T - 5)))[None].expand(2, -1)  # two packed sequences
+    assert torch.equal(rope(x[:, :T], restart)[:, 5:], rope(x[:, 5:T]))
+    rope64, x64 = tg.PartialRotary(D, 8, 10000.0, table_len=T).double(), x.double()
+    assert torch.equal(rope64(x64[:, :T]), rope64(x64[:, :T], positions[:, :T]))
     torch.testing.assert_close(rope(x), rope(x, positions), rtol=0, atol=0)
     torch.testing.assert_close(rope(x)[:, :T], rope(x[:, :T]), rtol=0, atol=1e-6)
 

@@ -207,7 +207,9 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 class PartialRotary(nn.Module):
     """RoPE on the first `dims` channels of each head (rotate-half within them); the rest pass through.
     cos/sin of the first `table_len` positions are buffers: computed inside the compiled graph,
-    Inductor would evaluate them again for every element of q and k (a third of the norm+RoPE kernels' time)."""
+    Inductor would evaluate them again for every element of q and k (two thirds of the norm+RoPE
+    forward kernels' time). The trainer sizes the tables for its longest sequence (training,
+    evaluation or TTT window), so explicit positions, which count from 0 in each sequence, index them."""
 
     def __init__(self, head_dim: int, dims: int, base: float, table_len: int = 2048):
         super().__init__()
@@ -220,11 +222,10 @@ class PartialRotary(nn.Module):
         self.register_buffer("sin_table", freqs.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, T, H, D]; positions [B, T] (packed sequences, each counting from 0, so no position
-        # exceeds its index in the row), default each token's index in its row
+        # x: [B, T, H, D]; positions [B, T] (packed sequences), default each token's index in its row
         if self.dims == 0:
             return x
-        if x.size(1) <= self.cos_table.size(0):  # every position is in the tables
+        if x.size(1) <= self.cos_table.size(0):  # rows no longer than the sequences the tables cover
             if positions is None:
                 cos, sin = self.cos_table[None, : x.size(1), None, :], self.sin_table[None, : x.size(1), None, :]
             else:

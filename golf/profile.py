@@ -66,8 +66,8 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device) 
     """Runs `step` `steps` times under the profiler (after one unprofiled call, so no first-call work
     is counted). Times are device (GPU kernel) time on CUDA and self CPU time elsewhere, in ms per step.
     Returns {"per_step_ms", "categories": {name: ms}, "kernels": [{"name", "ms", "share", "calls",
-    "category"}] (every kernel, largest first: the summary keeps the whole table), "wall_ms" (per step, under the profiler, which slows the host
-    side), "launches" (per step), "host": on CUDA, the 10 largest host operators by self CPU time, like kernels}.
+    "category"}] (every kernel, largest first: the summary keeps the whole table), "wall_ms" (per
+    step, under the profiler, which slows the host side), "launches" (per step), "host": on CUDA, the 10 largest host operators by self CPU time, like kernels}.
     Kernel time well below wall time means the GPU waits on the host (launches, Python)."""
     cuda = device.type == "cuda"
     step()

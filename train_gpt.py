@@ -225,16 +225,13 @@ class PartialRotary(nn.Module):
         # x: [B, T, H, D]; positions [B, T] (packed sequences), default each token's index in its row
         if self.dims == 0:
             return x
-        if x.size(1) <= self.cos_table.size(0):  # rows no longer than the sequences the tables cover
-            if positions is None:
-                cos, sin = self.cos_table[None, : x.size(1), None, :], self.sin_table[None, : x.size(1), None, :]
-            else:
-                cos, sin = self.cos_table[positions][:, :, None, :], self.sin_table[positions][:, :, None, :]
-        else:
-            if positions is None:
-                positions = torch.arange(x.size(1), device=x.device)[None]
-            freqs = (positions.float()[..., None] * self.inv_freq)[:, :, None, :]
-            cos, sin = freqs.cos(), freqs.sin()
+        if positions is not None:  # packed rows may be longer than the tables; their sequences are not
+            cos, sin = self.cos_table[positions][:, :, None, :], self.sin_table[positions][:, :, None, :]
+        elif x.size(1) <= self.cos_table.size(0):
+            cos, sin = self.cos_table[None, : x.size(1), None, :], self.sin_table[None, : x.size(1), None, :]
+        else:  # a row longer than any configured sequence
+            freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+            cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims :]
         x1, x2 = rot.chunk(2, dim=-1)

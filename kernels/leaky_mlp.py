@@ -267,7 +267,6 @@ def _mlp_backward(ctx, grad_out, grad_h, grad_y):
     x, w_fc, w_proj, h, y = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None
-    grad_out = grad_out.contiguous()
     dw_proj = grad_out.t() @ y if ctx.needs_input_grad[2] else None
     dh = _lrsq_derivative_mm(grad_out, w_proj, h, ctx.slope)
     dx = dh @ w_fc if ctx.needs_input_grad[0] else None

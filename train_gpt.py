@@ -217,9 +217,13 @@ class PartialRotary(nn.Module):
             raise KnobError(f"ROPE_DIMS={dims} must be even and at most the head dim {head_dim}")
         self.dims = dims
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / max(dims, 1)), persistent=False)
-        freqs = torch.outer(torch.arange(table_len, dtype=torch.float32), self.inv_freq)
+        freqs = self.angles(table_len, self.inv_freq.device)
         self.register_buffer("cos_table", freqs.cos(), persistent=False)
         self.register_buffer("sin_table", freqs.sin(), persistent=False)
+
+    def angles(self, n: int, device) -> torch.Tensor:
+        """[n, dims / 2]: each row position's rotation angle per channel pair."""
+        return torch.outer(torch.arange(n, device=device, dtype=torch.float32), self.inv_freq)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, T, H, D]; positions [B, T] (packed sequences), default each token's index in its row
@@ -230,7 +234,7 @@ class PartialRotary(nn.Module):
         elif x.size(1) <= self.cos_table.size(0):
             cos, sin = self.cos_table[None, : x.size(1), None, :], self.sin_table[None, : x.size(1), None, :]
         else:  # a row longer than any configured sequence
-            freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+            freqs = self.angles(x.size(1), x.device)
             cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims :]

@@ -116,6 +116,25 @@ def ceilings(warmup: int, iters: int) -> tuple[float, float]:
     return tflops, gbs
 
 
+def outputs_and_grads(fn, grad: torch.Tensor, *inputs: torch.Tensor) -> tuple:
+    """fn(*inputs) and the gradients of its inputs for the output gradient `grad`, all detached."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad.to(out.dtype)))
+
+
+def check_kernels(name, whats, exact_fn, ref_c, kernel_fns, inputs, grad, floor=1e-2) -> None:
+    """Each (label, fn) of kernel_fns against exact_fn on float32 copies of the inputs: its output and
+    input gradients (named `whats`) may be off by at most 3x the compiled reference's own error, or
+    `floor` relative to the largest value."""
+    exact = outputs_and_grads(exact_fn, grad, *(t.float() for t in inputs))
+    ref = outputs_and_grads(ref_c, grad, *inputs)
+    for label, fn in kernel_fns:
+        for what, a, r, e in zip(whats, outputs_and_grads(fn, grad, *inputs), ref, exact):
+            err, ref_err = rel_err(a, e), rel_err(r, e)
+            check(err <= max(3 * ref_err, floor), f"{name} {label} {what}: rel err {err:.2e} (compiled reference {ref_err:.2e})")
+
+
 def fwd_bwd_variants(name, variants, inputs, extra, grad_out, warmup, iters, work_fwd, work_bwd, unit, ceiling):
     """variants: [(label, fn(*inputs, *extra) -> out)]; times the forward and forward + backward (grads
     of inputs); appends table rows. work_*: bytes or FLOPs of the ideal forward / backward; unit
@@ -193,18 +212,8 @@ def bench_mlp(args, tflops, gbs):
     ker = lambda x, w: leaky_relu_sq_linear(x, w, slope, use_kernel=True)  # noqa: E731
     ker_c = compile_(ker)
 
-    def out_grads(fn, x, w):
-        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-        y = fn(x, w)
-        return (y.detach(), *torch.autograd.grad(y, (x, w), gy.to(y.dtype)))
-
-    exact = out_grads(lambda x, w: leaky_relu_sq_linear_reference(x, w, slope), x.float(), w.float())
-    ref = out_grads(ref_c, x, w)
-    for label, fn in (("kernel", ker), ("kernel compiled", ker_c)):
-        got = out_grads(fn, x, w)
-        for what, a, r, e in zip(("y", "dx", "dw"), got, ref, exact):
-            err, ref_err = rel_err(a, e), rel_err(r, e)
-            check(err <= max(3 * ref_err, 1e-2), f"MLP {label} {what}: rel err {err:.2e} (compiled reference {ref_err:.2e})")
+    check_kernels("MLP", ("y", "dx", "dw"), lambda x, w: leaky_relu_sq_linear_reference(x, w, slope), ref_c,
+                  (("kernel", ker), ("kernel compiled", ker_c)), (x, w), gy)
 
     flops_fwd, flops_bwd = 2 * m * n * k, 4 * m * n * k
     variants = [("triton", ker), ("triton, compiled", ker_c), ("reference, compiled", ref_c)]
@@ -239,18 +248,9 @@ def bench_whole_mlp(args, tflops):
     ker = lambda x, w1, w2: leaky_mlp(x, w1, w2, slope, use_kernel=True)  # noqa: E731
     ker_c = compile_(ker)
 
-    def out_grads(fn, *ts):
-        ts = [t.detach().requires_grad_() for t in ts]
-        out = fn(*ts)
-        return (out.detach(), *torch.autograd.grad(out, ts, go.to(out.dtype)))
-
-    exact = out_grads(lambda *t: leaky_mlp_reference(*t, slope), x.float(), w1.float(), w2.float())
-    ref = out_grads(ref_c, x, w1, w2)
-    floor = 1e-2 if DEV == "cuda" else 2e-2  # the interpreter's bf16 stores round coarser (y: 9e-3 vs 4e-3)
-    for label, fn in (("kernel", ker), ("kernel compiled", ker_c)):
-        for what, a, r, e in zip(("out", "dx", "dw_fc", "dw_proj"), out_grads(fn, x, w1, w2), ref, exact):
-            err, ref_err = rel_err(a, e), rel_err(r, e)
-            check(err <= max(3 * ref_err, floor), f"whole MLP {label} {what}: rel err {err:.2e} (compiled reference {ref_err:.2e})")
+    check_kernels("whole MLP", ("out", "dx", "dw_fc", "dw_proj"), lambda *t: leaky_mlp_reference(*t, slope), ref_c,
+                  (("kernel", ker), ("kernel compiled", ker_c)), (x, w1, w2), go,
+                  floor=1e-2 if DEV == "cuda" else 2e-2)  # the interpreter's bf16 stores round coarser (y: 9e-3 vs 4e-3)
     variants = [("triton", ker), ("triton, compiled", ker_c), ("reference, compiled", ref_c)]
     fwd_bwd_variants("whole MLP", variants, (x, w1, w2), (), go, args.warmup, args.iters, 4 * m * n * k, 8 * m * n * k,
                      "TFLOP/s", tflops)

@@ -283,13 +283,16 @@ def leaky_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, slope: 
     in x's dtype (the autocast dtype under autocast). use_kernel as leaky_relu_sq_linear's."""
     if not (HAVE_TRITON and use_triton(x, use_kernel, _INTERPRET)):
         return leaky_mlp_reference(x, w_fc, w_proj, slope)
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
-    lead = x.shape[:-1]
-    out, _, _ = _mlp_fwd(x.reshape(-1, x.shape[-1]), w_fc, w_proj, float(slope))
-    return out.view(*lead, w_proj.shape[0])
+    rows, (w_fc, w_proj) = _kernel_inputs(x, w_fc, w_proj)
+    out, _, _ = _mlp_fwd(rows, w_fc, w_proj, float(slope))
+    return out.view(*x.shape[:-1], w_proj.shape[0])
+
+
+def _kernel_inputs(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x as rows [M, K] and the weights, all in the dtype F.linear would compute in (the autocast
+    dtype under autocast, else x's)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return x.to(dtype).reshape(-1, x.shape[-1]), [w.to(dtype) for w in weights]
 
 
 def leaky_relu_sq_linear(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5, *,
@@ -299,10 +302,6 @@ def leaky_relu_sq_linear(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5, *
     True/False forces the Triton/reference path (True on CPU needs TRITON_INTERPRET=1)."""
     if not (HAVE_TRITON and use_triton(x, use_kernel, _INTERPRET)):
         return leaky_relu_sq_linear_reference(x, w, slope)
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):  # what F.linear would do under autocast
-        dtype = torch.get_autocast_dtype(x.device.type)
-    x, w = x.to(dtype), w.to(dtype)
-    lead = x.shape[:-1]
-    y, _ = _lrsq_fwd(x.reshape(-1, x.shape[-1]), w, float(slope))
-    return y.view(*lead, w.shape[0])
+    rows, (w,) = _kernel_inputs(x, w)
+    y, _ = _lrsq_fwd(rows, w, float(slope))
+    return y.view(*x.shape[:-1], w.shape[0])

@@ -14,10 +14,10 @@ also splits the rows (split-K), so a [512, 96] gradient over 2,048 rows keeps hu
 busy instead of four, and sums the splits in a second small kernel.
 
 For more than `SMALL_GROUPS` groups (TTT's full passes: 64 rows over up to 65,536 tokens) the op calls
-torch._grouped_mm, 5-7x faster there than these kernels (bench/segment_mm_bench.py, H100). The choice is made inside one custom op,
-so torch.compile sees a single opaque call whatever G is: a branch on G in traced code would make
-Dynamo guard on it and compile every region twice (TTT's prime took 189 -> 320 s when a size-1 row
-count did that).
+torch._grouped_mm, 5-7x faster there than these kernels (bench/segment_mm_bench.py, H100). The choice
+is made inside one custom op, so torch.compile sees a single opaque call whatever G is: a branch on G
+in traced code would make Dynamo guard on it and compile every region twice (TTT's prime took 189 ->
+320 s when a size-1 row count did that).
 
 segment_mm_reference() is what TTT ran before this file existed (torch._grouped_mm where it runs, a
 masked matmul per group elsewhere); kernels/__init__.py has the switch (GOLF_KERNELS).
